@@ -1,0 +1,36 @@
+"""diffusion.py: DiT + ControlNet + flow matching — SKELETON, being written (see the issue). The helper replaces this docstring."""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_copies.py) ----
+def attention(q, k, v, mask=None, impl="sdpa"):
+    """softmax(q kᵀ / √d) v, restricted by mask: the whole of attention.
+
+    q (B, H, Nq, D); k, v (B, H, Nk, D); mask bool, broadcastable to
+    (B, H, Nq, Nk), True where a query may look at a key. impl="manual" runs the
+    math below; impl="sdpa" runs PyTorch's fused kernel with the same mask (tests
+    assert the two agree)."""
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # softmax in fp32 so bf16 runs of the manual path stay a fair reference
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, Nq, D)
+# ---- end copied primitive ----
+
+
+# ---- copied primitive: timestep_embedding (identical in lm.py, diffusion.py; tests/test_copies.py) ----
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal features of scalars t (B,) -> (B, dim) = [cos(t·f_i), sin(t·f_i)]
+    with f_i = max_period^(-i / (dim/2)): the Transformer's position code, used by
+    DDPM/DiT for the diffusion time and here also for micro-conditions."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+# ---- end copied primitive ----
