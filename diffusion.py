@@ -1,10 +1,118 @@
-"""diffusion.py: DiT + ControlNet + flow matching — SKELETON, being written (see the issue). The helper replaces this docstring."""
+"""diffusion.py: the diffusion stage of LanDiff — a CogVideoX DiT, a ControlNet branch that
+injects the LM's coarse semantics, and rectified-flow training and sampling.
+
+The idea (LanDiff): the language model has already decided *what* happens (semantic
+features); a video diffusion model only has to render the details. A frozen text-to-video
+DiT is steered by a trainable copy of its first blocks (ControlNet) that also sees the
+semantic features, upsampled and added to its noisy latent. Windows of latent frames are
+generated one after another, each starting from a clean prefix (the last frames of the
+previous window), so long videos stream without a seam.
+
+    semantic features ─ upsampler ─ zero conv ─┐
+    noisy latent ──────────────────────────────+─ ControlNet blocks ─ zero linears ─┐
+    noisy latent, text, t ─ DiT blocks (block i + control i) ─────────────────────────┴─ v
+
+Time convention: x_t = (1 − t)·x0 + t·ε with t ∈ [0, 1] (t = 1 is pure noise), the network
+predicts v = ε − x0, so dx/dt = v and Euler steps run from t = 1 down to 0; the network is
+fed 1000·t, the DDPM timestep range its CogVideoX peer was trained on.
+
+Shapes: B batch, C latent channels, T latent frames, H×W latent size, p patch,
+N = T·(H/p)·(W/p) video tokens, L text tokens, S = L + N, D width, h×w semantic grid.
+latents (B, C, T, H, W) (the VAE's layout); text (B, L, text_dim); t (B,);
+semantic features (B, T, sem_dim, h, w); hidden states [text; video] (B, S, D).
+
+References: LanDiff, Yin et al. 2025, arXiv 2503.04606; CogVideoX, arXiv 2408.06072 (expert
+adaLN, 3D sin-cos positions, q/k LayerNorm); DiT, arXiv 2212.09748 (adaLN-Zero); ControlNet,
+arXiv 2302.05543 (zero convolutions); rectified flow, arXiv 2209.03003, and flow matching,
+arXiv 2210.02747; SD3, arXiv 2403.03206 (logit-normal timesteps, resolution shift).
+
+Deliberately different from the release: rectified flow + Euler instead of zero-SNR DDPM
+with v-prediction and DPM++2M (one equation instead of a scheduler zoo; the CogVideoX
+weights therefore cannot be used as-is for sampling, only as an initialisation); plain CFG
+instead of its dynamic CFG; the ControlNet branch has no final layer and is called once per
+step as a function (the release threads it through a registry of cached values). The base
+DiT itself is computationally identical to diffusers' CogVideoXTransformer3DModel at the
+CogVideoX-2B config (weights map one to one; the patch conv becomes a linear on patches).
+"""
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class DiffusionConfig:
+    latent_ch: int = 8          # VAE latent channels
+    frames: int = 5             # latent frames per window
+    lat_h: int = 8              # latent height
+    lat_w: int = 8              # latent width
+    patch: int = 4              # p×p patches per frame (CogVideoX: 2)
+    width: int = 128            # D
+    depth: int = 4              # DiT blocks
+    heads: int = 4
+    mlp: int = 512              # MLP hidden width (4·D)
+    text_dim: int = 128         # text encoder width
+    text_len: int = 8           # text tokens L (padded with zero vectors)
+    time_dim: int = 128         # time embedding width (the adaLN input)
+    control_depth: int = 2      # DiT blocks copied into the ControlNet branch
+    sem_dim: int = 64           # semantic feature width (the tokenizer's)
+    sem_ch: int = 64            # upsampler output channels (release 64)
+    sem_up: int = 0             # pixel-shuffle ×2 stages from the semantic grid to the latent grid
+    up_ch: int = 32             # upsampler width (release 512)
+    up_blocks: int = 1          # ResNet blocks per upsampler level (release 4 + 1)
+    prefix: int = 3             # clean streaming prefix, in latent frames
+    shift: float = 1.0          # resolution shift of the timestep distribution (SD3)
+    p_uncond: float = 0.1       # probability of dropping the text in training, for CFG
+    attn_impl: str = "sdpa"     # "sdpa" | "manual"
+
+    def __post_init__(self):
+        if self.attn_impl not in ("sdpa", "manual"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
+        if self.width % self.heads or self.width % 16:
+            raise ValueError(f"width must be a multiple of heads ({self.heads}) and of 16 (the 3D sin-cos "
+                             f"split), got {self.width}")
+        if self.lat_h % self.patch or self.lat_w % self.patch:
+            raise ValueError(f"lat_h and lat_w must be multiples of patch {self.patch}, got {self.lat_h}×{self.lat_w}")
+        if self.lat_h % 2 ** self.sem_up or self.lat_w % 2 ** self.sem_up:
+            raise ValueError(f"sem_up={self.sem_up} needs lat_h, lat_w multiples of {2 ** self.sem_up}")
+        if not 0 <= self.control_depth <= self.depth:
+            raise ValueError(f"control_depth must be in 0..depth ({self.depth}), got {self.control_depth}")
+        if not 0 <= self.prefix < self.frames:
+            raise ValueError(f"prefix must be in 0..frames-1 (0..{self.frames - 1}), got {self.prefix}")
+        if self.up_ch % 32 or (self.sem_up and self.up_ch % 128) or self.up_blocks < 1:
+            raise ValueError(f"up_ch must be a multiple of 32 (GroupNorm(32)), of 128 when sem_up > 0, and "
+                             f"up_blocks ≥ 1; got up_ch={self.up_ch}, up_blocks={self.up_blocks}")
+        if self.shift <= 0 or not 0 <= self.p_uncond < 1:
+            raise ValueError(f"shift must be > 0 and p_uncond in [0, 1), got {self.shift}, {self.p_uncond}")
+
+    @property
+    def grid(self):  # video tokens per axis (T, H/p, W/p)
+        return self.frames, self.lat_h // self.patch, self.lat_w // self.patch
+
+    @property
+    def tokens(self):  # N video tokens
+        return math.prod(self.grid)
+
+    @property
+    def seq(self):  # S = L + N tokens in the joint attention
+        return self.text_len + self.tokens
+
+    @property
+    def sem_hw(self):  # semantic grid (h, w) that the upsampler brings to (lat_h, lat_w)
+        return self.lat_h // 2 ** self.sem_up, self.lat_w // 2 ** self.sem_up
+
+
+PRESETS = {
+    # DiT 1.70 M; ControlNet 0.89 M (2 blocks, embeddings, zero linears) + upsampler 0.10 M
+    "tiny": DiffusionConfig(),
+    # DiT 1,693,783,872 (= CogVideoX-2B); ControlNet 905.76 M + upsampler 39.25 M = 945.01 M
+    "full": DiffusionConfig(latent_ch=16, frames=13, lat_h=60, lat_w=90, patch=2, width=1920, depth=30,
+                            heads=30, mlp=7680, text_dim=4096, text_len=226, time_dim=512, control_depth=15,
+                            sem_dim=768, sem_ch=64, sem_up=1, up_ch=512, up_blocks=5, prefix=7, shift=3.0),
+}
+
 
 # ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_copies.py) ----
 def attention(q, k, v, mask=None, impl="sdpa"):
@@ -34,3 +142,346 @@ def timestep_embedding(t, dim, max_period=10000.0):
     args = t.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 # ---- end copied primitive ----
+
+def sincos_3d(T, h, w, dim, device, space_scale=1.875):
+    """CogVideoX's fixed 3D sin-cos positions (N, dim) in token order (t, row, col):
+    [time (dim/4) | column (3·dim/8) | row (3·dim/8)], each block [sin | cos] with
+    frequencies 10000^(-i/half). Space is divided by 1.875 (CogVideoX's interpolation scale:
+    its 2B model was trained on a 30×45 token grid); text tokens get no position."""
+    f64 = torch.float64 if device.type != "mps" else torch.float32  # MPS has no float64
+
+    def sincos(pos, d):  # pos (N,) -> (N, d)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=f64, device=device) / (d / 2))
+        out = pos.to(f64)[:, None] * omega[None]  # (N, d/2)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    ar = lambda n, s: torch.arange(n, dtype=torch.float32, device=device) / s  # noqa: E731
+    tt, rr, cc = torch.meshgrid(ar(T, 1.0), ar(h, space_scale), ar(w, space_scale), indexing="ij")  # (T, h, w)
+    d = 3 * dim // 8
+    return torch.cat([sincos(tt.flatten(), dim // 4), sincos(cc.flatten(), d), sincos(rr.flatten(), d)], dim=1)
+
+
+def patchify(x, p):
+    """(B, C, T, H, W) -> (B, N, C·p·p): one token per p×p patch of each frame, (t, row, col) order."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T, H // p, p, W // p, p)  # (B, C, T, h, p, w, p); reshape: frame slices are welcome
+    return x.permute(0, 2, 3, 5, 1, 4, 6).reshape(B, T * (H // p) * (W // p), C * p * p)  # (B, N, C·p·p)
+
+
+def unpatchify(y, cfg):
+    """(B, N, C·p·p) -> (B, C, T, H, W): the inverse of patchify."""
+    (T, h, w), p = cfg.grid, cfg.patch
+    y = y.view(y.shape[0], T, h, w, cfg.latent_ch, p, p)  # (B, T, h, w, C, p, p)
+    return y.permute(0, 4, 1, 2, 5, 3, 6).reshape(y.shape[0], cfg.latent_ch, T, h * p, w * p)  # (B, C, T, H, W)
+
+
+def _check(cfg, x, t, text, sem=None):
+    """Raise a ValueError that says what fits, before torch fails somewhere deep inside."""
+    p, want = cfg.patch, (cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
+    if x.dim() != 5 or x.shape[-1] % p or x.shape[-2] % p:
+        raise ValueError(f"latents must be (B, C, T, H, W) with H, W multiples of patch {p}, got {tuple(x.shape)}")
+    if tuple(x.shape[1:]) != want:
+        raise ValueError(f"this config takes latents (B, {', '.join(map(str, want))}) = (B, latent_ch, frames, lat_h, "
+                         f"lat_w), got {tuple(x.shape)}; other sizes need dataclasses.replace(cfg, frames=…, …)")
+    B = x.shape[0]
+    if t.shape != (B,):
+        raise ValueError(f"t must be (B,) = ({B},) floats in [0, 1], got {tuple(t.shape)}")
+    if tuple(text.shape) != (B, cfg.text_len, cfg.text_dim):
+        raise ValueError(f"text must be (B, text_len, text_dim) = ({B}, {cfg.text_len}, {cfg.text_dim}) "
+                         f"(pad with zero vectors), got {tuple(text.shape)}")
+    if sem is not None and tuple(sem.shape) != (B, cfg.frames, cfg.sem_dim, *cfg.sem_hw):
+        raise ValueError(f"semantic features must be (B, frames, sem_dim, h, w) = ({B}, {cfg.frames}, {cfg.sem_dim}, "
+                         f"{cfg.sem_hw[0]}, {cfg.sem_hw[1]}), got {tuple(sem.shape)}")
+
+
+class Embed(nn.Module):
+    """Latents -> video tokens with positions, text -> text tokens, t -> time embedding."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch = nn.Linear(cfg.latent_ch * cfg.patch**2, cfg.width)  # = CogVideoX's p×p stride-p conv per frame
+        self.text = nn.Linear(cfg.text_dim, cfg.width)
+        self.time1 = nn.Linear(cfg.width, cfg.time_dim)  # sinusoids of width D -> MLP, as CogVideoX
+        self.time2 = nn.Linear(cfg.time_dim, cfg.time_dim)
+        self._pos = {}  # (device, dtype) -> (N, D); built on first use, so meta construction stays free
+
+    def forward(self, x, t, text):
+        key = (x.device, x.dtype)
+        if key not in self._pos:
+            self._pos[key] = sincos_3d(*self.cfg.grid, self.cfg.width, x.device).to(x.dtype)
+        vid = self.patch(patchify(x, self.cfg.patch)) + self._pos[key]  # (B, N, D)
+        emb = timestep_embedding(1000 * t, self.cfg.width).to(x.dtype)  # (B, D): DDPM's 0..1000 range
+        return self.text(text), vid, self.time2(F.silu(self.time1(emb)))  # (B, L, D), (B, N, D), (B, time_dim)
+
+
+def expert_adaln(norm, ada, emb, txt, vid):
+    """CogVideoX's "expert" adaLN: one LayerNorm, but separate shift/scale/gate for text and video
+    tokens, all six made from the time embedding by one linear."""
+    shift, scale, gate, t_shift, t_scale, t_gate = ada(F.silu(emb))[:, None].chunk(6, dim=-1)  # each (B, 1, D)
+    return norm(txt) * (1 + t_scale) + t_shift, norm(vid) * (1 + scale) + shift, t_gate, gate
+
+
+class Block(nn.Module):
+    """One CogVideoX block: expert adaLN, joint attention over [text; video], expert adaLN, MLP."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, self.heads, self.impl = cfg.width, cfg.heads, cfg.attn_impl
+        self.norm1, self.ada1 = nn.LayerNorm(D), nn.Linear(cfg.time_dim, 6 * D)
+        self.q, self.k, self.v, self.out = (nn.Linear(D, D) for _ in range(4))
+        # LayerNorm on q and k per head keeps attention logits bounded in a deep bf16 model
+        self.q_norm, self.k_norm = nn.LayerNorm(D // cfg.heads, eps=1e-6), nn.LayerNorm(D // cfg.heads, eps=1e-6)
+        self.norm2, self.ada2 = nn.LayerNorm(D), nn.Linear(cfg.time_dim, 6 * D)
+        self.fc1, self.fc2 = nn.Linear(D, cfg.mlp), nn.Linear(cfg.mlp, D)
+
+    def forward(self, txt, vid, emb):
+        L = txt.shape[1]
+        h_txt, h_vid, g_txt, g_vid = expert_adaln(self.norm1, self.ada1, emb, txt, vid)
+        h = torch.cat([h_txt, h_vid], dim=1)  # (B, S, D): one joint sequence, text first
+        B, S, D = h.shape
+        q, k, v = (f(h).view(B, S, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))  # (B, H, S, d)
+        a = attention(self.q_norm(q), self.k_norm(k), v, impl=self.impl)  # (B, H, S, d); no mask: all see all
+        a = self.out(a.transpose(1, 2).reshape(B, S, D))  # (B, S, D)
+        txt, vid = txt + g_txt * a[:, :L], vid + g_vid * a[:, L:]
+        h_txt, h_vid, g_txt, g_vid = expert_adaln(self.norm2, self.ada2, emb, txt, vid)
+        m = self.fc2(F.gelu(self.fc1(torch.cat([h_txt, h_vid], dim=1)), approximate="tanh"))  # (B, S, D)
+        return txt + g_txt * m[:, :L], vid + g_vid * m[:, L:]
+
+
+class DiT(nn.Module):
+    """The base text-to-video DiT (CogVideoX-2B shape). forward(x, t, text, control) -> v, same shape as x;
+    control[i] (B, S, D), from ControlNet, is added to all tokens after block i."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_final, self.norm_out = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+        self.ada_out = nn.Linear(cfg.time_dim, 2 * cfg.width)  # final adaLN: shift, scale
+        self.proj_out = nn.Linear(cfg.width, cfg.patch**2 * cfg.latent_ch)
+        initialize_weights(self)
+
+    def forward(self, x, t, text, control=None):
+        _check(self.cfg, x, t, text)
+        if control is not None and len(control) > self.cfg.depth:
+            raise ValueError(f"control has {len(control)} residuals, the DiT has only {self.cfg.depth} blocks")
+        L = text.shape[1]
+        txt, vid, emb = self.embed(x, t, text)  # (B, L, D), (B, N, D), (B, time_dim)
+        for i, block in enumerate(self.blocks):
+            txt, vid = block(txt, vid, emb)
+            if control is not None and i < len(control):
+                txt, vid = txt + control[i][:, :L], vid + control[i][:, L:]  # all tokens, as the release
+        shift, scale = self.ada_out(F.silu(emb))[:, None].chunk(2, dim=-1)  # each (B, 1, D)
+        vid = self.norm_out(self.norm_final(vid)) * (1 + scale) + shift  # CogVideoX normalises twice
+        return unpatchify(self.proj_out(vid), self.cfg)  # (B, N, p·p·C) -> (B, C, T, H, W)
+
+
+class ResBlock(nn.Module):
+    """VQGAN ResNet block: (GroupNorm, SiLU, 3×3 conv) twice, 1×1 shortcut when the width changes."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(32, c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(32, c_out, eps=1e-6), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+def semantic_upsampler(cfg):
+    """Per-frame (sem_dim, h, w) -> (sem_ch, lat_h, lat_w), the release's VQGAN decoder without attention:
+    conv in, 2 middle blocks, per ×2 stage up_blocks ResNet blocks then a pixel shuffle (c -> c/4
+    channels, 2× size) and a conv back to c; the full-resolution level runs at c/4 when there was a
+    stage (release ch_mult (0.25, 1)); GroupNorm, SiLU, conv out."""
+    c = cfg.up_ch
+    layers = [nn.Conv2d(cfg.sem_dim, c, 3, padding=1), ResBlock(c, c), ResBlock(c, c)]
+    for _ in range(cfg.sem_up):
+        layers += [ResBlock(c, c) for _ in range(cfg.up_blocks)]
+        layers += [nn.PixelShuffle(2), nn.Conv2d(c // 4, c, 3, padding=1)]  # (c, h, w) -> (c/4, 2h, 2w) -> (c, 2h, 2w)
+    c_out = c // 4 if cfg.sem_up else c
+    layers += [ResBlock(c, c_out)] + [ResBlock(c_out, c_out) for _ in range(cfg.up_blocks - 1)]
+    layers += [nn.GroupNorm(32, c_out, eps=1e-6), nn.SiLU(), nn.Conv2d(c_out, cfg.sem_ch, 3, padding=1)]
+    return nn.Sequential(*layers)
+
+
+class ControlNet(nn.Module):
+    """The trainable branch: its own embeddings and control_depth blocks (copies of the base's first
+    blocks, see from_dit), a zero linear Z_i after block i, and the semantic path. forward(x, t, text, sem)
+    -> [Z_0, …, Z_{K-1}] outputs, each (B, S, D): Z_i feeds control block i+1 and is base block i's residual."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.control_depth))
+        self.zero = nn.ModuleList(nn.Linear(cfg.width, cfg.width, bias=False) for _ in range(cfg.control_depth))
+        self.upsampler = semantic_upsampler(cfg)
+        self.hint_out = nn.Conv2d(cfg.sem_ch, cfg.latent_ch, 3, padding=1)  # zero-initialised
+        initialize_weights(self)
+
+    @classmethod
+    def from_dit(cls, dit):
+        """A branch that starts as a copy of the base's embeddings and first blocks (ControlNet)."""
+        ref = next(dit.parameters())
+        net = cls(dit.cfg).to(ref.device, ref.dtype)
+        net.embed.load_state_dict(dit.embed.state_dict())
+        for mine, theirs in zip(net.blocks, dit.blocks):
+            mine.load_state_dict(theirs.state_dict())
+        return net
+
+    def hint(self, sem):
+        """Semantic features (B, T, sem_dim, h, w) -> the map added to the noisy latent, (B, C, T, H, W)."""
+        B, T = sem.shape[:2]
+        s = self.hint_out(self.upsampler(sem.flatten(0, 1)))  # (B·T, C, H, W): frame by frame, as the release
+        return s.view(B, T, *s.shape[1:]).transpose(1, 2)  # (B, C, T, H, W)
+
+    def forward(self, x, t, text, sem=None, hint=None):
+        """hint = self.hint(sem) may be passed instead of sem (euler_sample computes it once)."""
+        _check(self.cfg, x, t, text, sem)
+        if (sem is None) == (hint is None):
+            raise ValueError("pass exactly one of sem (B, frames, sem_dim, h, w) and hint (B, C, T, H, W)")
+        hint = self.hint(sem) if hint is None else hint
+        L = text.shape[1]
+        txt, vid, emb = self.embed(x + hint, t, text)
+        outs = []
+        for block, zero in zip(self.blocks, self.zero):
+            h = zero(torch.cat(block(txt, vid, emb), dim=1))  # (B, S, D)
+            outs.append(h)
+            txt, vid = h[:, :L], h[:, L:]  # the zero linear's output is the next block's input (release)
+        return outs
+
+
+def initialize_weights(model):
+    """Every initialisation in one place. Linears: Xavier, zero bias; time MLP: N(0, 0.02) (DiT).
+    The zero-inits make each new part start as the identity of what it is added to."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.embed.time1.weight, std=0.02)
+    nn.init.normal_(model.embed.time2.weight, std=0.02)
+    zero = [b.ada1 for b in model.blocks] + [b.ada2 for b in model.blocks]  # adaLN-Zero: gates 0, blocks = identity
+    if isinstance(model, DiT):
+        zero += [model.ada_out, model.proj_out]  # an untrained DiT predicts v = 0
+    else:
+        zero += list(model.zero) + [model.hint_out]  # the branch adds exactly 0 to the base (ControlNet)
+    for m in zero:
+        for p in m.parameters():
+            nn.init.zeros_(p)
+
+
+def _draw(fn, shape, generator, device):
+    """torch.randn/rand on the generator's device (so a CPU generator works with CUDA data), then moved."""
+    return fn(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
+
+
+def sample_t(n, shift=1.0, generator=None, device=None):
+    """n training times: logit-normal t = sigmoid(u), u ~ N(0, 1), which favours the middle of the path
+    (SD3); then shifted towards noise, t -> shift·t / (1 + (shift − 1)·t), because more pixels
+    (tokens) keep more signal at the same noise level (SD3)."""
+    t = torch.sigmoid(_draw(torch.randn, (n,), generator, device))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
+    """Flow-matching loss ‖model(x_t, t) − (ε − x0)‖² (the time convention is in the module docstring).
+    In training mode (of the trained model: the branch if given, else the DiT) each sample's text is
+    replaced by zeros with probability cfg.p_uncond, for CFG. prefix > 0 holds the first prefix latent
+    frames clean (x_t = x0 there) and leaves them out of the loss: the streaming continuation task.
+    To train only the branch, freeze the base first with dit.requires_grad_(False): gradients still flow
+    through the base into the branch."""
+    cfg = dit.cfg
+    if (controlnet is None) != (sem is None):
+        raise ValueError("pass controlnet and sem together (or neither)")
+    if not 0 <= prefix < cfg.frames:
+        raise ValueError(f"prefix must be in 0..frames-1 (0..{cfg.frames - 1}), got {prefix}")
+    B = x0.shape[0]
+    t = sample_t(B, cfg.shift, generator, x0.device).to(x0.dtype)  # (B,)
+    noise = _draw(torch.randn, x0.shape, generator, x0.device).to(x0.dtype)  # (B, C, T, H, W)
+    tt = t.view(B, 1, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * noise
+    xt[:, :, :prefix] = x0[:, :, :prefix]  # streaming: continue from clean frames
+    if (controlnet if controlnet is not None else dit).training and cfg.p_uncond > 0:
+        drop = _draw(torch.rand, (B,), generator, x0.device) < cfg.p_uncond
+        text = text.masked_fill(drop[:, None, None], 0.0)  # the unconditional text is all zeros
+    control = controlnet(xt, t, text, sem) if controlnet is not None else None
+    v = dit(xt, t, text, control)
+    return F.mse_loss(v[:, :, prefix:], (noise - x0)[:, :, prefix:])
+
+
+@torch.no_grad()
+def euler_sample(dit, noise, text, steps=25, cfg_scale=1.0, controlnet=None, sem=None, prefix=None, progress=None):
+    """Integrate dx/dt = v from t = 1 (noise) to 0 in `steps` Euler steps on the shifted time grid.
+    CFG on v: v_u + s·(v_c − v_u), conditional and unconditional (zero text, same semantics) in one batch.
+    prefix (B, C, p, H, W): clean latent frames written into the first p frames before every model call and
+    into the result (streaming). progress(i, steps) is called after step i (1-based), e.g. to move a bar."""
+    cfg, B = dit.cfg, noise.shape[0]
+    if (controlnet is None) != (sem is None):
+        raise ValueError("pass controlnet and sem together (or neither)")
+    p = 0 if prefix is None else prefix.shape[2]
+    if prefix is not None and (prefix.dim() != 5 or not 0 < p < cfg.frames or prefix.shape[:2] != noise.shape[:2]
+                               or prefix.shape[3:] != noise.shape[3:]):
+        raise ValueError(f"prefix must be (B, C, p, H, W) = {(B, noise.shape[1], 'p', *noise.shape[3:])} with "
+                         f"0 < p < frames ({cfg.frames}), got {tuple(prefix.shape)}")
+    hint = controlnet.hint(sem) if controlnet is not None else None  # the semantics do not change over steps
+    ts = torch.linspace(1, 0, steps + 1, device=noise.device)
+    ts = cfg.shift * ts / (1 + (cfg.shift - 1) * ts)  # same shift as training: more steps near the noise end
+
+    def velocity(x, t, text, hint):
+        control = controlnet(x, t, text, hint=hint) if controlnet is not None else None
+        return dit(x, t, text, control)
+
+    x = noise.clone()
+    for i in range(steps):
+        if p:
+            x[:, :, :p] = prefix
+        t = ts[i].expand(B).to(x.dtype)
+        if cfg_scale == 1:
+            v = velocity(x, t, text, hint)
+        else:
+            two = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
+            v_c, v_u = velocity(two(x), two(t), torch.cat([text, torch.zeros_like(text)]), two(hint)).chunk(2)
+            v = v_u + cfg_scale * (v_c - v_u)
+        x = x + (ts[i + 1] - ts[i]) * v
+        if progress is not None:
+            progress(i + 1, steps)
+    if p:
+        x[:, :, :p] = prefix
+    return x
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+if __name__ == "__main__":
+    import time
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    dit = DiT(cfg)
+    for p in dit.parameters():  # the zero-inits would make every output 0: show a random model instead
+        p.data.add_(0.02 * torch.randn_like(p))
+    ctrl = ControlNet.from_dit(dit)
+    x = torch.randn(2, cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
+    text, t = torch.randn(2, cfg.text_len, cfg.text_dim), torch.rand(2)
+    sem = torch.randn(2, cfg.frames, cfg.sem_dim, *cfg.sem_hw)
+    with torch.no_grad():
+        dit(x, t, text)  # warm-up, then time one call
+        t0 = time.perf_counter()
+        v = dit(x, t, text, ctrl(x, t, text, sem))
+    print(f"tiny: latents {tuple(x.shape)} text {tuple(text.shape)} sem {tuple(sem.shape)} -> v {tuple(v.shape)} "
+          f"({cfg.tokens} video + {cfg.text_len} text tokens, {1e3 * (time.perf_counter() - t0):.1f} ms)")
+    out = euler_sample(dit, x, text, steps=4, cfg_scale=3.0, controlnet=ctrl, sem=sem, prefix=x[:, :, :cfg.prefix])
+    print(f"tiny: 4 Euler steps with CFG 3 and a {cfg.prefix}-frame prefix -> {tuple(out.shape)}")
+    for name, c in PRESETS.items():
+        with torch.device("meta"):
+            d, n = DiT(c), ControlNet(c)
+        up = n_params(n.upsampler) + n_params(n.hint_out)
+        print(f"{name}: DiT {n_params(d):,} | ControlNet {n_params(n):,} = blocks+embeddings+zero linears "
+              f"{n_params(n) - up:,} + upsampler {up:,} | {c.tokens:,} video + {c.text_len} text tokens")
