@@ -1,10 +1,114 @@
-"""lm.py: semantic language model — SKELETON, being written (see the issue). The helper replaces this docstring."""
+"""lm.py: the language model of LanDiff, which writes a video down as semantic token ids.
+
+The idea (LanDiff §3.2): the semantic tokenizer turns a clip into a short 1D stream of discrete
+ids (1,218 per 13-frame segment at full size: an I-group of 330 codes for the first frame, then
+12 P-groups of 74 for what changes). A Llama-style causal transformer learns that stream as a
+language model learns text, conditioned on the prompt and two micro-conditions (frame count,
+motion score). Sampling continues the stream one id at a time with a KV cache and classifier-free
+guidance; wherever the layout needs a structure token it is forced, never sampled.
+
+Pipeline: prompt -> TextEncoder (tiny) / T5-XXL (full) -> text (B, L, text_dim) -> SemanticLM,
+          generate -> codes (B, n_seg * tokens_per_segment) -> tokenizer decoder.
+The sequence (SPEC §4); a second segment repeats everything from [SOI] on, before the one [EOS]:
+    [BOS] [frames] [motion] [text x L] [SOI] n_i codes [EOI] ([SOP] n_p codes [EOP]) x (frames-1) [EOS]
+[frames], [motion] and the text slots are vectors, not ids; the loss covers SOI and every id after it.
+
+Shapes: B batch, L text tokens, N positions, W width, H heads, D = W/H, V = codebook_size + 7.
+
+References: LanDiff (arXiv 2503.04606); Llama (arXiv 2302.13971): RMSNorm (1910.07467), gated
+MLP (2002.05202), RoPE (2104.09864); GELU (1606.08415); classifier-free guidance (2207.12598);
+nucleus sampling (1904.09751); micro-condition MLPs like DiT's timestep embedder (2212.09748).
+
+Differences from the release, on purpose:
+- Fixed-length batches, not packed variable-length sequences: the text always takes L slots;
+  padded positions (zero vectors) go through the text MLP like the rest (a learned "pad" vector).
+- Micro-conditions are mapped from their allowed range onto [0, 1000] before the sinusoidal
+  features (SemanticLM.micro_embed); the release embeds the raw values.
+- q, k, v and the MLP's two input matrices are fused into one matmul each (speed). Rows map one to
+  one onto transformers' LlamaForCausalLM (q/k rows permuted: we turn adjacent channel pairs,
+  Llama turns halves); apart from our final LayerNorm it is the same network.
+- No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no
+  motion-score head, no chunked cross-entropy, no autocast inside the module.
+- The tiny preset has its own word-level TextEncoder, trained with the LM (release: frozen
+  Flan-T5-XXL; loading T5 is out of scope here).
+"""
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+SPECIALS = ("EOS", "BOS", "SOI", "EOI", "SOP", "EOP", "PAD")  # ids codebook_size + 0..6, in the release's order
+
+
+@dataclass
+class LMConfig:
+    # the token stream (tokenizer.py): codebook and the layout of one segment
+    codebook_size: int = 1000  # FSQ levels (8, 5, 5, 5)
+    n_i: int = 16  # codes of the I-group (the segment's first semantic frame)
+    n_p: int = 4  # codes of each P-group (each later semantic frame)
+    frames: int = 5  # semantic frames per segment: one I-group, frames - 1 P-groups
+    # the transformer
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp: int = 512  # hidden width of the gated MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    attn_impl: str = "sdpa"  # "sdpa" | "manual"
+    # conditioning
+    text_dim: int = 128  # width of the text features (tiny: TextEncoder's width; full: T5-XXL's)
+    text_len: int = 8  # most text tokens per prompt
+    p_uncond: float = 0.1  # training: replace a sample's text by the learned null vector (CFG)
+    micro_dim: int = 256  # sinusoidal features per micro-condition
+    micro_hidden: int = 128  # hidden width of each micro-condition MLP (release: 512)
+    frames_max: int = 32  # micro-condition `frames` (semantic frames of the clip) must lie in [1, frames_max]
+    motion_max: float = 2.0  # micro-condition `motion` (motion score) must lie in [0, motion_max]
+    # the tiny word-level TextEncoder (its width is text_dim)
+    text_depth: int = 2
+    text_heads: int = 4
+    text_mlp: int = 256
+
+    def __post_init__(self):
+        if self.attn_impl not in ("sdpa", "manual"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
+        for w, h in (("width", "heads"), ("text_dim", "text_heads")):
+            if getattr(self, w) % getattr(self, h) or (getattr(self, w) // getattr(self, h)) % 2:
+                raise ValueError(f"{h} must split {w} into heads of even size (RoPE turns channel pairs), "
+                                 f"got {w}={getattr(self, w)}, {h}={getattr(self, h)}")
+        if min(self.codebook_size, self.n_i, self.n_p, self.frames, self.depth, self.text_len) < 1:
+            raise ValueError("codebook_size, n_i, n_p, frames, depth and text_len must all be >= 1")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        if self.frames_max < 1 or self.motion_max <= 0:
+            raise ValueError(f"frames_max must be >= 1 and motion_max > 0, got {self.frames_max}, {self.motion_max}")
+
+    @property
+    def vocab_size(self):
+        return self.codebook_size + len(SPECIALS)
+
+    @property
+    def tokens_per_segment(self):  # codes only
+        return self.n_i + (self.frames - 1) * self.n_p
+
+    EOS = property(lambda self: self.codebook_size + 0)  # end of the whole stream
+    BOS = property(lambda self: self.codebook_size + 1)  # start of the sequence
+    SOI = property(lambda self: self.codebook_size + 2)  # start / end of an I-group
+    EOI = property(lambda self: self.codebook_size + 3)
+    SOP = property(lambda self: self.codebook_size + 4)  # start / end of a P-group
+    EOP = property(lambda self: self.codebook_size + 5)
+    PAD = property(lambda self: self.codebook_size + 6)  # in the vocabulary (release), never used here
+
+
+PRESETS = {
+    "tiny": LMConfig(),  # SemanticLM 1,439,616 params; TextEncoder 328,320 + 128 per vocabulary word
+    "full": LMConfig(codebook_size=2048, n_i=330, n_p=74, frames=13, width=2048, depth=24, heads=16, mlp=11008,
+                     text_dim=4096, text_len=512, micro_hidden=512, frames_max=128, motion_max=10.0),  # limits: ours
+    # SemanticLM 2,049,321,984 params (SPEC §4: 2.05 B); the text comes from T5-XXL, not included
+}
+
 
 # ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_copies.py) ----
 def attention(q, k, v, mask=None, impl="sdpa"):
@@ -52,3 +156,360 @@ def timestep_embedding(t, dim, max_period=10000.0):
     args = t.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 # ---- end copied primitive ----
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich, arXiv 1910.07467; Llama's norm)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class Block(nn.Module):
+    """Llama block: x + Attn(RMSNorm(x)), then x + W2(gelu(W1 h) * W3 h) with h = RMSNorm(x); no biases.
+
+    cache (2, B, H, N_max, D): this block's keys and values; the new ones are written at positions
+    start..start+N-1 and the queries attend to every position before start+N."""
+
+    def __init__(self, width, heads, mlp, eps, attn_impl):
+        super().__init__()
+        self.heads, self.attn_impl = heads, attn_impl
+        self.norm1 = RMSNorm(width, eps)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)  # q, k, v in one matmul
+        self.proj = nn.Linear(width, width, bias=False)
+        self.norm2 = RMSNorm(width, eps)
+        self.w13 = nn.Linear(width, 2 * mlp, bias=False)  # W1 (gate) and W3 (up) in one matmul
+        self.w2 = nn.Linear(mlp, width, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        B, N, W = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        q, k = apply_rope(qkv[:2], cos, sin)  # (B, H, N, D) each: q and k turned in one call
+        v = qkv[2]
+        if cache is not None:
+            end = start + N
+            cache[0, :, :, start:end] = k
+            cache[1, :, :, start:end] = v
+            k, v = cache[0, :, :, :end], cache[1, :, :, :end]  # (B, H, end, D): all keys so far
+        a = attention(q, k, v, mask, self.attn_impl)  # (B, H, N, D)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, W))  # heads back side by side: (B, N, W)
+        gate, up = self.w13(self.norm2(x)).chunk(2, dim=-1)  # (B, N, mlp) each
+        return x + self.w2(F.gelu(gate, approximate="tanh") * up)
+
+
+def _rope_table(n, head_dim, theta, device):
+    ang = rope_angles(torch.arange(n, device=device), head_dim // 2, theta)  # (n, D/2)
+    return ang.cos(), ang.sin()
+
+
+def _normal_init(module):
+    """GPT-style N(0, 0.02) for every linear and embedding, zero biases (the release's GPT._init_weights)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------- the tiny text encoder
+
+
+class TextEncoder(nn.Module):
+    """The tiny preset's text encoder, trained with the LM; its output also conditions the tiny DiT.
+    Prompts are lower-cased and split into words, punctuation dropped (words, not bytes: a byte-level
+    prototype learned far too slowly on this CPU, SPEC §0); ids PAD = 0, UNK = 1, words[i] = i + 2.
+    The word list is saved in the state_dict as "_extra_state" (a list of str, fine for
+    torch.load(weights_only=True)). Restore: enc = TextEncoder(cfg, sd["_extra_state"]); enc.load_state_dict(sd)"""
+
+    PAD, UNK = 0, 1
+
+    def __init__(self, cfg, words):
+        super().__init__()
+        self.cfg = cfg
+        self.set_extra_state(list(words))
+        self.embed = nn.Embedding(len(self.words) + 2, cfg.text_dim)
+        self.blocks = nn.ModuleList(Block(cfg.text_dim, cfg.text_heads, cfg.text_mlp, cfg.norm_eps, cfg.attn_impl)
+                                    for _ in range(cfg.text_depth))
+        self.norm = RMSNorm(cfg.text_dim, cfg.norm_eps)
+        _normal_init(self)
+
+    @staticmethod
+    def split(prompt):
+        return re.findall(r"[a-z0-9]+", prompt.lower())
+
+    @staticmethod
+    def build_vocab(captions):
+        """The sorted set of words in the training captions."""
+        return sorted({w for c in captions for w in TextEncoder.split(c)})
+
+    def get_extra_state(self):
+        return list(self.words)
+
+    def set_extra_state(self, words):
+        if hasattr(self, "embed") and len(words) + 2 != self.embed.num_embeddings:
+            raise ValueError(f"the checkpoint has {len(words)} words, this encoder {self.embed.num_embeddings - 2}: "
+                             "build it as TextEncoder(cfg, state_dict['_extra_state'])")
+        self.words = list(words)
+        self.index = {w: i + 2 for i, w in enumerate(self.words)}
+
+    def tokenize(self, prompts):
+        """list of B prompts -> ids (B, text_len), PAD after the last word. No truncation: a prompt
+        longer than text_len words is an error."""
+        ids = torch.full((len(prompts), self.cfg.text_len), self.PAD, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            words = self.split(p)
+            if not 1 <= len(words) <= self.cfg.text_len:
+                raise ValueError(f"a prompt must have 1 to {self.cfg.text_len} words (text_len; longer prompts are "
+                                 f"not truncated), got {len(words)} in {p!r}")
+            ids[b, :len(words)] = torch.tensor([self.index.get(w, self.UNK) for w in words])
+        return ids.to(self.embed.weight.device)
+
+    def forward(self, ids):
+        """ids (B, L) -> text features (B, L, text_dim), zero at PAD positions."""
+        real = ids != self.PAD  # (B, L)
+        cos, sin = _rope_table(ids.shape[1], self.cfg.text_dim // self.cfg.text_heads, self.cfg.rope_theta, ids.device)
+        mask = real[:, None, None, :]  # (B, 1, 1, L): every position sees every word, no position sees a pad
+        x = self.embed(ids)  # (B, L, text_dim)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.norm(x) * real[..., None]
+
+
+# ---------------------------------------------------------------------------- the language model
+
+
+class SemanticLM(nn.Module):
+    """The LM without its (frozen, external) text encoder: token embedding, text MLP, learned null
+    text vector, micro-condition MLPs, `depth` Llama blocks, final LayerNorm, untied head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.width
+        self.embed = nn.Embedding(cfg.vocab_size, W)
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
+        self.null_text = nn.Parameter(torch.empty(W))  # stands in for every projected text slot (CFG)
+        self.micro = nn.ModuleDict({k: nn.Sequential(nn.Linear(cfg.micro_dim, cfg.micro_hidden), nn.SiLU(),
+                                                     nn.Linear(cfg.micro_hidden, W)) for k in ("frames", "motion")})
+        self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp, cfg.norm_eps, cfg.attn_impl) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(W)
+        self.head = nn.Linear(W, cfg.vocab_size, bias=False)
+        self.initialize_weights()
+        self._rope = None  # (cos, sin) table, grown on demand; not a buffer, so meta-safe and out of the state_dict
+
+    def initialize_weights(self):
+        _normal_init(self)
+        nn.init.normal_(self.null_text, std=self.cfg.width ** -0.5)  # release: randn(W) / sqrt(W)
+        # Zero-init: the last layer of each micro-condition MLP. The [frames] and [motion] slots start as
+        # zero vectors, so at init the conditions change nothing and their influence is learned (DiT-style).
+        for mlp in self.micro.values():
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+
+    def new_cache(self, batch, length):
+        """An empty KV cache for `length` positions: (depth, 2, B, H, length, D), allocated once."""
+        c, w = self.cfg, self.head.weight
+        return torch.empty(c.depth, 2, batch, c.heads, length, c.width // c.heads, dtype=w.dtype, device=w.device)
+
+    def forward(self, x, cache=None, start=0):
+        """x (B, N, W) input embeddings at positions start..start+N-1 -> logits (B, N, V).
+        With a cache (new_cache) the positions before `start` come from it; without one, start is 0."""
+        B, N, _ = x.shape
+        end = start + N
+        if self._rope is None or self._rope[0].shape[0] < end or self._rope[0].device != x.device:
+            with torch.inference_mode(False):  # a plain tensor, usable by training after an inference_mode call
+                self._rope = _rope_table(max(2 * end, 1024), self.cfg.width // self.cfg.heads, self.cfg.rope_theta,
+                                         x.device)
+        cos, sin = self._rope[0][start:end], self._rope[1][start:end]  # (N, D/2) each
+        # causal mask, built once per call for all blocks: query i (position start+i) sees keys j <= start+i.
+        # One new token sees everything, so decoding needs no mask at all.
+        mask = None if N == 1 else torch.ones(N, end, dtype=torch.bool, device=x.device).tril(start)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+        return self.head(self.norm(x))
+
+    def micro_embed(self, frames, motion):
+        """frames, motion (B,) -> the two micro-condition slots (B, 2, W).
+
+        Scaling: the sinusoid frequencies run from 1 down to 1e-4 rad per unit (made for DDPM steps
+        0..1000), so raw motion scores 0.5..1.25 would turn only the first few channels, by under a
+        radian. Each value is mapped linearly from its allowed range onto [0, 1000] instead; then
+        motion 0.5 vs 0.51 (or frames 5 vs 6) differ by several units, i.e. radians in the fast channels."""
+        c, out = self.cfg, []
+        for name, v, lo, hi in (("frames", frames, 1, c.frames_max), ("motion", motion, 0.0, c.motion_max)):
+            if ((v < lo) | (v > hi)).any():
+                raise ValueError(f"{name} must lie in [{lo}, {hi}], got {v.tolist()}")
+            t = 1000.0 * (v.float() - lo) / (hi - lo)  # (B,) in [0, 1000]
+            out.append(self.micro[name](timestep_embedding(t, c.micro_dim).to(self.head.weight.dtype)))  # (B, W)
+        return torch.stack(out, dim=1)  # (B, 2, W)
+
+    def prefix(self, text, frames, motion, keep=None):
+        """Embeddings of [BOS][frames][motion][text x L][SOI]: (B, L + 4, W).
+
+        text (B, L, text_dim) with 1 <= L <= text_len; frames, motion (B,) tensors or numbers;
+        keep (B,) bool: where False the text slots hold the learned null vector instead (CFG)."""
+        c = self.cfg
+        if text.dim() != 3 or text.shape[-1] != c.text_dim or not 1 <= text.shape[1] <= c.text_len:
+            raise ValueError(f"text must be (B, L, {c.text_dim}) with 1 <= L <= text_len = {c.text_len}, "
+                             f"got {tuple(text.shape)}")
+        B, L, _ = text.shape
+        frames, motion = _per_sample(frames, "frames", B, text.device), _per_sample(motion, "motion", B, text.device)
+        txt = self.text_proj(text.to(self.head.weight.dtype))  # (B, L, W)
+        if keep is not None:
+            txt = torch.where(keep[:, None, None], txt, self.null_text)
+        ends = self.embed(torch.tensor([c.BOS, c.SOI], device=text.device)).expand(B, 2, -1)  # (B, 2, W)
+        return torch.cat([ends[:, :1], self.micro_embed(frames, motion), txt, ends[:, 1:]], dim=1)
+
+
+def token_layout(cfg, n_segments, device=None):
+    """The ids after the prefix's [SOI] for n_segments segments, -1 where a code goes: (S,) long.
+    n_i codes [EOI] ([SOP] n_p codes [EOP]) x (frames-1), then [SOI] and the same per further
+    segment, then [EOS]. The one place the stream's structure is written down."""
+    seg = [-1] * cfg.n_i + [cfg.EOI] + ([cfg.SOP] + [-1] * cfg.n_p + [cfg.EOP]) * (cfg.frames - 1)
+    return torch.tensor(seg + ([cfg.SOI] + seg) * (n_segments - 1) + [cfg.EOS], device=device)
+
+
+def _per_sample(v, name, B, device):
+    """A number or a (B,) tensor -> (B,) tensor."""
+    v = torch.as_tensor(v, device=device)
+    if v.shape not in ((), (B,)):
+        raise ValueError(f"{name} must be a number or a ({B},) tensor (one per sample), got shape {tuple(v.shape)}")
+    return v.expand(B)
+
+
+def _check_codes(cfg, codes, what):
+    tps = cfg.tokens_per_segment
+    if codes.dim() != 2 or codes.shape[1] == 0 or codes.shape[1] % tps:
+        raise ValueError(f"{what} must be (B, n_segments * tokens_per_segment) with tokens_per_segment = {tps}, "
+                         f"got {tuple(codes.shape)}")
+    if codes.min() < 0 or codes.max() >= cfg.codebook_size:
+        raise ValueError(f"{what} must be codebook ids in [0, {cfg.codebook_size}), got [{codes.min()}, {codes.max()}]")
+    return codes.shape[1] // tps
+
+
+# ---------------------------------------------------------------------------- loss and sampling
+
+
+def lm_loss(model, codes, text, frames, motion):
+    """Next-token cross-entropy on SOI and every id after it (codes and structure tokens), none on
+    the prefix. codes (B, n_seg * tokens_per_segment); text (B, L, text_dim); frames, motion (B,).
+    In training mode each sample's text is replaced by the null vector with p = cfg.p_uncond."""
+    cfg, B = model.cfg, codes.shape[0]
+    layout = token_layout(cfg, _check_codes(cfg, codes, "codes"), codes.device)  # (S,)
+    tokens = layout.expand(B, -1).clone()
+    tokens[:, layout < 0] = codes  # (B, S): the full stream after the first SOI
+    keep = torch.rand(B, device=codes.device) >= cfg.p_uncond if model.training else None
+    prefix = model.prefix(text, frames, motion, keep)  # (B, P, W), ends with SOI
+    P = prefix.shape[1]
+    x = torch.cat([prefix, model.embed(tokens[:, :-1])], dim=1)  # (B, P + S - 1, W): EOS is only a target
+    logits = model(x)[:, P - 2:]  # (B, S + 1, V): the predictions of SOI and of every id after it
+    targets = torch.cat([torch.full_like(tokens[:, :1], cfg.SOI), tokens], dim=1)  # (B, S + 1)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def _pick(logits, cfg_scale, temperature, top_k, top_p, generator):
+    """One code id per row from the logits (rows, V), restricted to the codebook by the caller."""
+    if cfg_scale != 1.0:  # CFG on logits, before temperature: u + s (c - u)
+        cond, uncond = logits.chunk(2)
+        logits = uncond + cfg_scale * (cond - uncond)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]  # (rows, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None:  # nucleus: keep the most likely ids until their mass reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # drop ids whose predecessors already hold top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, text, frames, motion, n_segments=1, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
+             generator=None, prefix_codes=None, use_cache=True, progress=None):
+    """Sample n_segments new segments of codes -> (B, n_segments * tokens_per_segment).
+
+    Prefill the prefix (and prefix_codes, earlier segments of the same stream, with their structure
+    tokens), then one id per step. Structure tokens are forced where the layout puts them; at code
+    positions only codebook ids can be drawn. cfg_scale != 1 runs conditional and unconditional
+    (null-text) rows in one batch. temperature 0 is greedy. use_cache=False recomputes the whole
+    sequence every step (a check: same tokens for the same generator). progress(i, n), if given,
+    is called after step i of n (e.g. to move a bar: stage files import no tqdm)."""
+    cfg, B, dev = model.cfg, text.shape[0], text.device
+    if not (isinstance(n_segments, int) and n_segments >= 1):
+        raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
+    if temperature < 0 or cfg_scale < 0:
+        raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+    n_old = 0 if prefix_codes is None else _check_codes(cfg, prefix_codes, "prefix_codes")
+    if prefix_codes is not None and prefix_codes.shape[0] != B:
+        raise ValueError(f"prefix_codes must have batch size {B} like text, got {prefix_codes.shape[0]}")
+    layout = token_layout(cfg, n_old + n_segments, dev)[:-1]  # (S,): EOS is never needed as an input
+    plan = layout.tolist()
+    seq = layout.expand(B, -1).clone()  # (B, S), filled in as we go
+    known = n_old * (cfg.tokens_per_segment + 2 * cfg.frames)  # old segments and the next segment's SOI
+    if n_old:
+        seq[:, :known][:, layout[:known] < 0] = prefix_codes
+
+    rep = 1 if cfg_scale == 1.0 else 2
+    x = model.prefix(text, frames, motion)  # (B, P, W)
+    if rep == 2:  # CFG: the same rows again with the null text, in the same batch
+        x = torch.cat([x, model.prefix(text, frames, motion, torch.zeros(B, dtype=torch.bool, device=dev))])
+    x = torch.cat([x, model.embed(seq[:, :known].repeat(rep, 1))], dim=1)  # (rep * B, P + known, W)
+    start = x.shape[1]
+    cache = model.new_cache(x.shape[0], start + len(plan) - known) if use_cache else None
+    logits = model(x, cache)[:, -1]  # (rep * B, V)
+    for i in range(known, len(plan)):
+        if plan[i] < 0:
+            seq[:, i] = _pick(logits[:, :cfg.codebook_size].float(), cfg_scale, temperature, top_k, top_p, generator)
+        if progress is not None:
+            progress(i + 1 - known, len(plan) - known)
+        if i + 1 == len(plan):
+            break
+        e = model.embed(seq[:, i:i + 1].repeat(rep, 1))  # (rep * B, 1, W)
+        if use_cache:
+            logits = model(e, cache, start + i - known)[:, -1]
+        else:
+            x = torch.cat([x, e], dim=1)
+            logits = model(x)[:, -1]
+    return seq[:, known:][:, layout[known:] < 0]  # (B, n_segments * tokens_per_segment)
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+if __name__ == "__main__":
+    import time
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        full = SemanticLM(PRESETS["full"])
+    cfg = PRESETS["tiny"]
+    captions = ["a red circle moving left", "a blue square moves up", "green triangle going down"]
+    enc, lm = TextEncoder(cfg, TextEncoder.build_vocab(captions)), SemanticLM(cfg)
+    for name, m in (("full SemanticLM (meta)", full), ("tiny SemanticLM", lm), ("tiny TextEncoder", enc)):
+        print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
+    text = enc(enc.tokenize(captions))  # (3, text_len, text_dim)
+    codes = torch.randint(cfg.codebook_size, (3, cfg.tokens_per_segment))
+    loss = lm_loss(lm, codes, text, 5, torch.tensor([0.5, 1.0, 1.25]))
+    print(f"text {tuple(text.shape)}, codes {tuple(codes.shape)}: loss at init {loss:.3f} "
+          f"(ln V = {math.log(cfg.vocab_size):.3f})")
+    t0 = time.perf_counter()
+    out = generate(lm.eval(), text, 5, 1.0, n_segments=2, cfg_scale=4.0, top_k=50,
+                   generator=torch.Generator().manual_seed(0))
+    n = len(token_layout(cfg, 2)) - 1
+    print(f"generate, 2 segments, CFG 4: codes {tuple(out.shape)}, {n} steps, {n / (time.perf_counter() - t0):.0f}/s")
