@@ -1,8 +1,352 @@
-"""vae.py: 3D causal VAE — SKELETON, being written (see the issue). The helper replaces this docstring."""
-import math
+"""vae.py: the 3D causal VAE of CogVideoX, which LanDiff uses to turn video into latents and back.
+
+The idea. A video is far too large for a diffusion model to work on pixel by
+pixel, so a variational autoencoder squeezes it first: 8x in space and 4x in
+time at full size, 49x480x720 RGB frames -> 13x60x90 latents of 16 channels.
+Every convolution is causal in time (it looks only at the current and the two
+previous frames), so the first frame is encoded on its own, like an image, and
+each later latent frame summarises the next 4 RGB frames: T = 1+4k frames <->
+1+k latent frames, latent k covering RGB frames 4k-3..4k (so latent k depends on
+frames <= 4k only, and RGB frame 4k on latents <= k only). The decoder's norms are conditioned on the latent itself
+(SpatialNorm), and because nothing looks ahead in time the decoder can run
+chunk by chunk, carrying the last two input frames of every causal conv over to
+the next chunk; that is how a long clip decodes in bounded memory.
+
+Pipeline: video (B,3,T,H,W) -> Encoder -> mean, logvar (B,z,1+(T-1)/4,H/f,W/f)
+          -> z = mean + sigma*eps -> Decoder (conditioned on z) -> video.
+The diffusion stage works on mean * cfg.scale_factor.
+
+Shapes: B batch, C channels, T frames (pixels: T = 1+4k), H, W pixels,
+z latent channels, f = cfg.spatial_factor (8 full, 4 tiny).
+
+References: LanDiff (arXiv 2503.04606) uses the VAE of CogVideoX
+(arXiv 2408.06072); SpatialNorm from MoVQ (arXiv 2209.09002); the KL-regularised
+autoencoder and its latent scale factor from LDM (arXiv 2112.10752). The layers,
+their order and parameter shapes follow diffusers' AutoencoderKLCogVideoX at the
+CogVideoX-2B config (215,583,907 parameters), so its weights load by a key map.
+
+What we do differently from the release, on purpose:
+- GroupNorm statistics are taken PER FRAME (over a group of channels x H x W of
+  one frame), not over all frames of the chunk. Release norms mix frames, so
+  the latent of frame 0 depends on frame 48, and chunked decoding differs from
+  whole decoding; per-frame norms make encoder and decoder exactly causal and
+  chunked == whole decoding (up to float rounding), at no parameter cost. Wan's
+  VAE (arXiv 2503.20314) likewise never lets its norms mix frames.
+- "The first frame is alone" is decided by position (`first`: does this chunk
+  start the clip?), not by the parity of the chunk length as in the release,
+  which maps an even number of latent frames (e.g. 2) to 8 RGB frames instead
+  of 5. For every odd-length clip the two rules give the same numbers.
+- SpatialNorm runs its two 1x1x1 convs on the small latent grid and resizes
+  their outputs, instead of resizing z first: the same numbers (a pointwise conv
+  commutes with nearest resizing) for a fraction of the work.
+- Encoding runs on the whole clip (the release encodes 8 frames at a time; with
+  per-frame norms that gives the same result). No memory-splitting "SafeConv",
+  no spatial tiling, no dropout (the release's is 0).
+- Training loss: MSE + a tiny KL only. The release adds LPIPS and a GAN loss,
+  which the toy world does not need.
+- Initialisation: PyTorch defaults, as in the release; no layer is zero-inited.
+"""
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+@dataclass
+class VAEConfig:
+    in_ch: int = 3  # RGB
+    base_ch: int = 8  # channels of the full-resolution level
+    ch_mult: tuple = (1, 2, 4)  # channels per level = base_ch * mult; len - 1 = spatial halvings
+    n_res: int = 1  # ResNet blocks per encoder level (the decoder has n_res + 1)
+    z_ch: int = 8  # latent channels (the encoder emits 2 * z_ch: mean and log-variance)
+    groups: int = 4  # GroupNorm groups
+    eps: float = 1e-6  # GroupNorm epsilon
+    time_levels: int = 2  # the first `time_levels` encoder levels (and decoder levels) also halve (double) time
+    # multiply latents by this before diffusion (LDM's unit-variance trick). The tiny
+    # value is a placeholder: train_tiny.py measures the trained latents' std and sets it.
+    scale_factor: float = 1.0
+
+    def __post_init__(self):
+        levels = len(self.ch_mult) - 1
+        if self.n_res < 1:  # the first ResBlock of each encoder level changes the width
+            raise ValueError(f"n_res must be >= 1, got {self.n_res}")
+        if not 0 <= self.time_levels <= levels:
+            raise ValueError(f"time_levels must be in 0..{levels} (len(ch_mult) - 1), got {self.time_levels}")
+        for c in (self.base_ch * m for m in self.ch_mult):
+            if c % self.groups:
+                raise ValueError(f"every level's channels must be divisible by groups={self.groups}, got {c}")
+
+    @property
+    def spatial_factor(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def temporal_factor(self):
+        return 2 ** self.time_levels
+
+
+PRESETS = {
+    # 476,955 params (encoder 184,712 + decoder 292,243); 17x32x32 -> 5x8x8x8; a training
+    # step on 8 clips takes ~0.4 s on 2 CPU cores, dominated by the full-resolution convs
+    "tiny": VAEConfig(),
+    # 215,583,907 params (encoder 92,215,456 + decoder 123,368,451), as the release;
+    # 49x480x720 -> 13x60x90x16
+    "full": VAEConfig(base_ch=128, ch_mult=(1, 2, 2, 4), n_res=3, z_ch=16, groups=32, scale_factor=1.15258426),
+}
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are taken over each frame separately (see the docstring)."""
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = x.transpose(1, 2).reshape(B * T, C, H, W)  # (B*T, C, H, W): every frame its own sample
+        y = F.group_norm(y, self.num_groups, self.weight, self.bias, self.eps)
+        return y.view(B, T, C, H, W).transpose(1, 2)  # (B, C, T, H, W)
+
+
+class CausalConv3d(nn.Conv3d):
+    """3x3x3 conv whose output frame t sees input frames t-2, t-1, t only.
+
+    The two missing frames on the left are copies of the first frame, or, when
+    decoding chunk by chunk, the last two input frames of the previous chunk,
+    kept in `cache` (a dict: this conv -> those frames). Space is zero-padded."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__(c_in, c_out, kernel_size=3, padding=(0, 1, 1))
+
+    def forward(self, x, cache=None):
+        past = cache.get(self) if cache is not None else None
+        if past is None:  # the clip starts here: repeat its first frame
+            past = x[:, :, :1].expand(-1, -1, 2, -1, -1)  # (B, C, 2, H, W)
+        x = torch.cat([past, x], dim=2)  # (B, C, 2+T, H, W)
+        if cache is not None:  # clone so the cache does not pin the whole chunk in memory
+            cache[self] = x[:, :, -2:].clone()  # (B, C, 2, H, W)
+        return super().forward(x)  # (B, C_out, T, H, W)
+
+
+def resize_nearest(z, size, first):
+    """Nearest-neighbour resize of z (B, C, T, h, w) to size (T', H, W). When this
+    chunk starts the clip (`first`), frame 0 maps to frame 0 alone and frames
+    1.. to frames 1.. (1+k -> 1+k*r), so the first frame stays on its own."""
+    if first and z.shape[2] > 1:
+        head = F.interpolate(z[:, :, :1], size=(1, *size[1:]))  # (B, C, 1, H, W)
+        rest = F.interpolate(z[:, :, 1:], size=(size[0] - 1, *size[1:]))  # (B, C, T'-1, H, W)
+        return torch.cat([head, rest], dim=2)
+    return F.interpolate(z, size=tuple(size))  # (B, C, T', H, W)
+
+
+class SpatialNorm(nn.Module):
+    """Decoder norm conditioned on the latent (MoVQ, arXiv 2209.09002):
+    GroupNorm(f) * conv_y(z) + conv_b(z), with z resized to f's grid."""
+
+    def __init__(self, c, z_ch, cfg):
+        super().__init__()
+        self.norm = FrameGroupNorm(cfg.groups, c, cfg.eps)
+        self.conv_y = nn.Conv3d(z_ch, c, 1)
+        self.conv_b = nn.Conv3d(z_ch, c, 1)
+
+    def forward(self, f, z, first):
+        # a 1x1x1 conv commutes with nearest resizing, so run it on the small latent
+        # grid and resize its output: the release's numbers at a fraction of the cost
+        y = resize_nearest(self.conv_y(z), f.shape[2:], first)  # (B, C, T, H, W) on f's grid
+        b = resize_nearest(self.conv_b(z), f.shape[2:], first)  # (B, C, T, H, W)
+        return self.norm(f) * y + b
+
+
+class ResBlock(nn.Module):
+    """norm -> SiLU -> causal conv, twice, plus a skip (1x1x1 conv when the width changes).
+    With z_ch set, the norms are SpatialNorms conditioned on the latent (decoder)."""
+
+    def __init__(self, c_in, c_out, cfg, z_ch=None):
+        super().__init__()
+        norm = (lambda c: SpatialNorm(c, z_ch, cfg)) if z_ch else (lambda c: FrameGroupNorm(cfg.groups, c, cfg.eps))
+        self.norm1, self.conv1 = norm(c_in), CausalConv3d(c_in, c_out)
+        self.norm2, self.conv2 = norm(c_out), CausalConv3d(c_out, c_out)
+        self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, cache=None, z=None, first=True):
+        h = self.norm1(x) if z is None else self.norm1(x, z, first)
+        h = self.conv1(F.silu(h), cache)
+        h = self.norm2(h) if z is None else self.norm2(h, z, first)
+        h = self.conv2(F.silu(h), cache)
+        return self.skip(x) + h
+
+
+class Downsample(nn.Conv2d):
+    """Halve H and W with a stride-2 3x3 conv on each frame; with `time`, first
+    halve T by averaging frame pairs, keeping frame 0 alone: 1+2k -> 1+k."""
+
+    def __init__(self, c, time):
+        super().__init__(c, c, kernel_size=3, stride=2, padding=0)
+        self.time = time
+
+    def forward(self, x):
+        if self.time:
+            head, rest = x[:, :, :1], x[:, :, 1:]  # frame 0; frames 1..2k
+            B, C, T, H, W = rest.shape
+            rest = rest.view(B, C, T // 2, 2, H, W).mean(3)  # (B, C, k, H, W): mean of each pair
+            x = torch.cat([head, rest], dim=2)  # (B, C, 1+k, H, W)
+        x = F.pad(x, (0, 1, 0, 1))  # pad right and bottom only (release): even H -> H/2
+        B, C, T, H, W = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B*T, C, H/2, W/2)
+        return y.view(B, T, C, *y.shape[2:]).transpose(1, 2)  # (B, C, T, H/2, W/2)
+
+
+class Upsample(nn.Conv2d):
+    """Double H and W (nearest, then a 3x3 conv on each frame); with `time`, also
+    double T by repeating frames, frame 0 of the clip alone: 1+k -> 1+2k."""
+
+    def __init__(self, c, time):
+        super().__init__(c, c, kernel_size=3, padding=1)
+        self.time = time
+
+    def forward(self, x, first):
+        B, C, T, H, W = x.shape
+        T2 = (2 * T - 1 if first else 2 * T) if self.time else T
+        x = resize_nearest(x, (T2, 2 * H, 2 * W), first)  # (B, C, T2, 2H, 2W)
+        y = super().forward(x.transpose(1, 2).reshape(B * T2, C, 2 * H, 2 * W))  # (B*T2, C, 2H, 2W)
+        return y.view(B, T2, C, 2 * H, 2 * W).transpose(1, 2)  # (B, C, T2, 2H, 2W)
+
+
+# ---------------------------------------------------------------------------- encoder, decoder
+
+
+class Encoder(nn.Module):
+    """conv_in -> per level: ResBlocks, then Downsample (time too in the first
+    time_levels levels) -> 2 ResBlocks -> norm, SiLU -> conv_out to 2*z channels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch = [cfg.base_ch * m for m in cfg.ch_mult]
+        self.conv_in = CausalConv3d(cfg.in_ch, ch[0])
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c, cfg) for j in range(cfg.n_res))
+            for i, c in enumerate(ch))
+        self.downs = nn.ModuleList(Downsample(c, i < cfg.time_levels) for i, c in enumerate(ch[:-1]))
+        self.mid = nn.ModuleList(ResBlock(ch[-1], ch[-1], cfg) for _ in range(2))
+        self.norm_out = FrameGroupNorm(cfg.groups, ch[-1], cfg.eps)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.z_ch)
+
+    def forward(self, x):
+        h = self.conv_in(x)  # (B, C0, T, H, W)
+        for i, level in enumerate(self.blocks):
+            for block in level:
+                h = block(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)  # (B, C, T', H/2, W/2)
+        for block in self.mid:
+            h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, 1+(T-1)/4, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """conv_in -> 2 ResBlocks -> per level (widest first): n_res+1 ResBlocks, then
+    Upsample -> norm, SiLU -> conv_out to RGB. Every norm is a SpatialNorm on z."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch = [cfg.base_ch * m for m in reversed(cfg.ch_mult)]
+        self.conv_in = CausalConv3d(cfg.z_ch, ch[0])
+        self.mid = nn.ModuleList(ResBlock(ch[0], ch[0], cfg, cfg.z_ch) for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c, cfg, cfg.z_ch) for j in range(cfg.n_res + 1))
+            for i, c in enumerate(ch))
+        self.ups = nn.ModuleList(Upsample(c, i < cfg.time_levels) for i, c in enumerate(ch[:-1]))
+        self.norm_out = SpatialNorm(ch[-1], cfg.z_ch, cfg)
+        self.conv_out = CausalConv3d(ch[-1], cfg.in_ch)
+
+    def forward(self, z, first=True, cache=None):
+        """z (B, z, t, h, w): the whole clip, or one chunk of it (first: it starts the clip;
+        cache: the causal convs' frames from the previous chunk, updated in place)."""
+        h = self.conv_in(z, cache)  # (B, C, t, h, w)
+        for block in self.mid:
+            h = block(h, cache, z, first)
+        for i, level in enumerate(self.blocks):
+            for block in level:
+                h = block(h, cache, z, first)
+            if i < len(self.ups):
+                h = self.ups[i](h, first)  # (B, C, t', 2h, 2w)
+        return self.conv_out(F.silu(self.norm_out(h, z, first)), cache)  # (B, 3, T, H, W)
+
+
+# ---------------------------------------------------------------------------- the VAE
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x):
+        """x (B, 3, 1+4k, H, W) in [-1, 1] -> mean, logvar, each (B, z, 1+k, H/f, W/f)."""
+        cfg, (sf, tf) = self.cfg, (self.cfg.spatial_factor, self.cfg.temporal_factor)
+        if x.dim() != 5 or x.shape[1] != cfg.in_ch:
+            raise ValueError(f"x must be (B, {cfg.in_ch}, T, H, W), got {tuple(x.shape)}")
+        if (x.shape[2] - 1) % tf:
+            raise ValueError(f"frames must be 1+{tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), got {x.shape[2]}")
+        if x.shape[3] % sf or x.shape[4] % sf:
+            raise ValueError(f"H and W must be multiples of {sf}, got {x.shape[3]}x{x.shape[4]}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)  # (B, z, t, h, w) each
+        return mean, logvar.clamp(-30.0, 20.0)  # the release's clamp keeps exp(logvar) finite
+
+    def decode(self, z, chunk=None):
+        """z (B, z, t, h, w) -> video (B, 3, 1+4(t-1), f*h, f*w).
+
+        chunk=None decodes all frames at once; chunk=n decodes n latent frames
+        per step, carrying each causal conv's last two frames over, so memory is
+        bounded by n. Latent frame 0 makes a single RGB frame, so the first step
+        takes it together with the next n: every step then yields 4n RGB frames."""
+        if z.dim() != 5 or z.shape[1] != self.cfg.z_ch:
+            raise ValueError(f"z must be (B, {self.cfg.z_ch}, t, h, w), got {tuple(z.shape)}")
+        if chunk is None:
+            return self.decoder(z)
+        if not (isinstance(chunk, int) and chunk >= 1):
+            raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+        t, cache = z.shape[2], {}
+        starts = [0, *range(1 + chunk, t, chunk)]  # t=13, n=2: 0, 3, 5, .., 11 (the release's batching)
+        out = [self.decoder(z[:, :, s:e], s == 0, cache) for s, e in zip(starts, starts[1:] + [t])]
+        return torch.cat(out, dim=2)  # (B, 3, T, H, W)
+
+
+def vae_loss(vae, x, kl_weight=1e-6):
+    """Reparameterised VAE loss -> (loss, recon_mse). kl_weight weighs the summed
+    KL against the summed squared error, as in LDM, so 1e-6 only keeps the latent
+    scale in check; train_tiny.py then rescales latents by their measured std."""
+    mean, logvar = vae.encode(x)
+    z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # z ~ N(mean, sigma^2), differentiable
+    mse = F.mse_loss(vae.decode(z), x)
+    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()  # KL(q || N(0, I)), per pixel value
+    return mse + kl_weight * kl, mse.detach()
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    vae = VAE(PRESETS["tiny"]).eval()
+    x = torch.rand(1, 3, 17, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode(x)
+        y = vae.decode(mean)
+        y2 = vae.decode(mean, chunk=2)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            vae.decode(vae.encode(x)[0])
+            times.append(time.perf_counter() - t0)
+    print(f"video {tuple(x.shape)} -> mean/logvar {tuple(mean.shape)} -> video {tuple(y.shape)}")
+    print(f"chunked (2 latent frames per step) vs whole decode: max |diff| {(y - y2).abs().max():.1e}")
+    print(f"tiny encode+decode of {tuple(x.shape)}: {sorted(times)[3] * 1e3:.1f} ms (median of 7)")
+    with torch.device("meta"):
+        full = VAE(PRESETS["full"])
+    for name, m in (("tiny", vae), ("full", full)):
+        print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
