@@ -1,4 +1,39 @@
-"""tokenizer.py: video semantic tokenizer — SKELETON, being written (see the issue). The helper replaces this docstring."""
+"""tokenizer.py: the semantic tokenizer that turns a video into a short "sentence" of discrete tokens.
+
+Frozen per-frame features of the semantic frames (RGB frames 0, 4, 8, ...) go into a
+transformer encoder together with learned queries: one I-group of n_i queries for the first
+frame, then one group of n_p queries per later frame (the same P-queries repeated). The
+queries' outputs are squashed to len(levels) channels and FSQ-quantized: one id per query,
+N = n_i + (T-1)·n_p ids per clip. A transformer decoder fills one mask token per feature
+position from the ids. Both attention masks are frame-causal, so frame f's features depend
+only on groups ≤ f: an LM can write the video group by group and the decoder can decode any
+prefix of groups, which is what lets long videos stream.
+
+    video (B,3,T_rgb,H,W) -FrozenPatchFeatures-> feats (B,T,C,h,w) -Encoder-> z (B,N,D)
+        -FSQ-> ids (B,N) -FSQ.indices_to_codes-> codes (B,N,D) -Decoder-> feats (B,T,C,h,w)
+
+Shapes: B batch; T semantic frames (13 full, 5 tiny); C feature channels (768 / 64); h×w the
+feature grid (30×45 / 8×8); N tokens (1,218 / 32); D = len(levels) FSQ channels (4); W width;
+H heads; S = T·h·w + N the transformer's sequence (frame tokens or mask tokens, then queries).
+
+References: LanDiff, Yin et al. 2025 (arXiv 2503.04606); TiTok, 1D tokenization with learned
+queries, mask tokens, ln_pre/ln_post and the tanh head (arXiv 2406.07550); FSQ, Mentzer et al.
+(arXiv 2309.15505) and vector-quantize-pytorch's FSQ; RoFormer (arXiv 2104.09864); Theia
+(arXiv 2407.20179), the release's frozen feature network.
+
+Deliberately different from the release:
+- FSQ, levels (8,8,8,4) = 2,048 codes, instead of a 2,048 × 16-d VQ with EMA, k-means init and
+  a commitment loss: same vocabulary, no codebook collapse, and the loss is feature MSE only.
+  The encoder ends in one Linear(W, D) (release: Linear(W, 768), then the VQ's 768 → 16), the
+  decoder starts with one Linear(D, W) (release: the VQ's 16 → 768, then Linear(768, W)).
+- Attention is the copied `attention` below (the math, or SDPA with the same bool mask), not
+  flex attention with block masks; each mask is one comparison of per-token index vectors.
+- q, k, v come from one fused Linear (release: wq, wk, wv; concatenate them to load).
+- Tiny feature source: FrozenPatchFeatures, a frozen seeded random patch embedding, stands in
+  for Theia; the release also standardises Theia features with a dataset mean/std, ours are
+  O(1) by construction. No autocast inside the model: the caller picks the dtype.
+"""
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,3 +75,366 @@ def apply_rope(x, cos, sin):
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., N, P, 2)
     return out.flatten(-2).type_as(x)  # (..., N, 2P)
 # ---- end copied primitive ----
+
+
+@dataclass
+class TokenizerConfig:
+    # semantic features in: `frames` frames of (feat_dim, feat_h, feat_w) per segment
+    feat_dim: int = 64
+    frames: int = 5  # semantic frames per segment (full: 13 = RGB frames 0, 4, ..., 48)
+    feat_h: int = 8
+    feat_w: int = 8
+    # encoder and decoder: pre-LN transformers of the same width, heads and MLP
+    width: int = 128
+    enc_depth: int = 2
+    dec_depth: int = 2
+    heads: int = 4
+    mlp: int = 512
+    # the token layout and the vocabulary
+    n_i: int = 16  # I-frame queries (frame 0)
+    n_p: int = 4  # P-frame queries per later frame
+    levels: tuple = (8, 5, 5, 5)  # FSQ levels per channel: 8·5·5·5 = 1,000 codes
+    rope_split: tuple = (4, 6, 6)  # rotary pairs for (time, rows, cols); sums to head_dim / 2
+    attn_impl: str = "sdpa"  # "sdpa" | "manual"
+    # feature source (FrozenPatchFeatures): RGB size, patch size, RGB frames per semantic frame
+    image_h: int = 32
+    image_w: int = 32
+    patch: int = 4
+    time_stride: int = 4
+    feat_seed: int = 0
+
+    def __post_init__(self):
+        self.levels, self.rope_split = tuple(self.levels), tuple(self.rope_split)  # lists from JSON
+        if self.attn_impl not in ("sdpa", "manual"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width must be heads × an even head dim, got width {self.width}, heads {self.heads}")
+        if len(self.rope_split) != 3 or 2 * sum(self.rope_split) != self.width // self.heads:
+            raise ValueError(f"rope_split must be 3 pair counts (time, rows, cols) summing to head_dim/2 = "
+                             f"{self.width // self.heads // 2}, got {self.rope_split}")
+        if not self.levels or min(self.levels) < 3:
+            raise ValueError(f"levels must be integers >= 3 (the reference FSQ rejects 2), got {self.levels}")
+        if (self.image_h, self.image_w) != (self.feat_h * self.patch, self.feat_w * self.patch):
+            raise ValueError(f"image size must be the feature grid × patch = {self.feat_h * self.patch}×"
+                             f"{self.feat_w * self.patch}, got {self.image_h}×{self.image_w}")
+        if min(self.frames, self.n_i, self.n_p, self.enc_depth, self.dec_depth, self.time_stride) < 1:
+            raise ValueError("frames, n_i, n_p, enc_depth, dec_depth and time_stride must be >= 1")
+
+    @property
+    def n_tokens(self):  # tokens per segment: one I-group, then one P-group per later frame
+        return self.n_i + (self.frames - 1) * self.n_p
+
+    @property
+    def codebook_size(self):
+        return math.prod(self.levels)
+
+
+PRESETS = {
+    "tiny": TokenizerConfig(),  # 0.85 M params (encoder 0.41 M, decoder 0.45 M); 32 tokens
+    "full": TokenizerConfig(  # 173.3 M (encoder 85.9 M, decoder 87.4 M; release 174.5 M); 1,218 tokens
+        feat_dim=768, frames=13, feat_h=30, feat_w=45, width=768, enc_depth=12, dec_depth=12,
+        heads=12, mlp=3072, n_i=330, n_p=74, levels=(8, 8, 8, 4), rope_split=(8, 12, 12),
+        image_h=480, image_w=720, patch=16),
+}
+
+
+class FrozenPatchFeatures(nn.Module):
+    """The toy stand-in for Theia (ViT-B/16, 768-d, frozen): a frozen random linear patch
+    embedding of the RGB frames 0, time_stride, 2·time_stride, ..., the same frames the VAE keeps
+    as its latent frames. The tokenizer only needs frozen per-frame features that keep what is
+    in a frame and where; a random projection of each patch (3·p² values → feat_dim, injective
+    for 48 → 64 at tiny size) keeps all of it. At full size it only stands in for the shape.
+    The weight comes from its own torch.Generator(feat_seed): the same features on every run,
+    whatever the global RNG did. It is a buffer and sees no gradient."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(cfg.feat_seed)
+        w = torch.randn(cfg.feat_dim, 3, cfg.patch, cfg.patch, generator=g)
+        # / sqrt(fan-in) keeps features O(1) (about unit variance on a coloured patch), like standardised Theia
+        self.register_buffer("weight", w / math.sqrt(3 * cfg.patch ** 2))
+
+    @torch.no_grad()
+    def forward(self, video):
+        """video (B, 3, T_rgb, H, W) in [-1, 1], T_rgb = 1 + time_stride·k -> feats (B, 1+k, C, h, w)."""
+        c = self.cfg
+        if (video.ndim != 5 or video.shape[1] != 3 or tuple(video.shape[3:]) != (c.image_h, c.image_w)
+                or (video.shape[2] - 1) % c.time_stride):
+            raise ValueError(f"video must be (B, 3, 1+{c.time_stride}k, {c.image_h}, {c.image_w}), "
+                             f"got {tuple(video.shape)}")
+        frames = video[:, :, :: c.time_stride]  # (B, 3, T, H, W): the semantic frames
+        B, _, T = frames.shape[:3]
+        x = frames.transpose(1, 2).reshape(B * T, 3, c.image_h, c.image_w)  # (B·T, 3, H, W)
+        # measured from black (x + 1): an empty frame gives zero features, the object O(1) ones
+        x = F.conv2d(x.to(self.weight.dtype) + 1, self.weight, stride=c.patch)  # (B·T, C, h, w)
+        return x.view(B, T, c.feat_dim, c.feat_h, c.feat_w)  # (B, T, C, h, w)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization (arXiv 2309.15505): bound each of the D channels, round it to
+    one of L_i levels; the codebook is the implicit grid of prod(L) points, nothing is learned.
+    The core of vector-quantize-pytorch's FSQ (default options): same ops in the same order,
+    so codes and indices agree with it bit for bit (its indices are int32, ours int64)."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.level_counts = tuple(levels)
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
+        # index = Σ_i digit_i · basis_i, basis = (1, L0, L0·L1, ...): the first level is least significant
+        basis = torch.cumprod(torch.tensor([1, *levels[:-1]]), dim=0, dtype=torch.int32)
+        self.register_buffer("basis", basis, persistent=False)
+
+    @property
+    def codebook_size(self):
+        return math.prod(self.level_counts)
+
+    def forward(self, z):
+        """z (..., D) -> codes (..., D) on the grid in [-1, 1], indices (...) int64."""
+        if z.shape[-1] != len(self.level_counts):
+            raise ValueError(f"FSQ{self.level_counts} needs (..., {len(self.level_counts)}) inputs, "
+                             f"got {tuple(z.shape)}")
+        dtype = z.dtype
+        if dtype not in (torch.float32, torch.float64):
+            z = z.float()  # quantize in fp32, as the reference: bf16 tanh is too coarse near the level boundaries
+        # half-width a hair above (L-1)/2: tanh never reaches ±1, the 1e-3 lets the outer levels round in
+        half_l = (self.levels - 1) * (1 + 1e-3) / 2
+        # even L has no level at 0: bound to (-L/2, L/2 - 1) instead of (-(L-1)/2, (L-1)/2) ...
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        # ... and shift the input so that z = 0 still lands exactly on level 0 (tanh(shift)·half_l = offset)
+        shift = torch.atanh(offset / half_l)
+        bounded = torch.tanh(z + shift) * half_l - offset  # (..., D), level i at the integer i
+        # round half to even; the forward pass sees the rounded value, the gradient passes straight through
+        rounded = bounded + (bounded.round() - bounded).detach()
+        codes = rounded / (self.levels // 2)  # (..., D): integers -> [-1, 1]
+        return codes.to(dtype), self.codes_to_indices(codes)
+
+    def codes_to_indices(self, codes):
+        half_width = self.levels // 2
+        digits = codes * half_width + half_width  # (..., D): level number 0..L-1 of each channel
+        return (digits * self.basis).sum(dim=-1).round().long()  # (...,) the mixed-radix number
+
+    def indices_to_codes(self, indices):
+        half_width = self.levels // 2
+        digits = (indices[..., None] // self.basis) % self.levels  # (..., D)
+        return (digits - half_width) / half_width  # (..., D) float32
+
+
+def token_times(frames, hw, n_i, n_p, device=None):
+    """The index vectors every mask is one comparison of, for the sequence
+    [frame tokens: `frames` frames × hw, row-major | queries: n_i, then n_p per later frame]:
+    time (S,) = the frame of a frame token, the group of a query (I = 0, P_k = k);
+    is_frame (S,) bool."""
+    arange = functools.partial(torch.arange, device=device)
+    time = torch.cat([arange(frames).repeat_interleave(hw),  # frame tokens
+                      arange(1).repeat_interleave(n_i),  # I-queries: group 0
+                      arange(1, frames).repeat_interleave(n_p)])  # P-queries of groups 1..frames-1
+    return time, arange(len(time)) < frames * hw
+
+
+def encoder_mask(time, is_frame):
+    """(S, S) bool, row = who looks, column = at whom (SPEC §3): frame tokens see frames <= their
+    own; I-queries see frame 0 and earlier I-queries; P-queries of group k see frames <= k and
+    every earlier query. Frame tokens never see a query; queries form a causal 1D sequence."""
+    order = torch.arange(len(time), device=time.device)
+    earlier_query = ~is_frame[:, None] & (order[None, :] <= order[:, None])  # queries come after all frames
+    return (time[None, :] <= time[:, None]) & (is_frame[None, :] | earlier_query)
+
+
+def decoder_mask(time):
+    """(S, S) bool: every token sees everything of time <= its own. Mask tokens of frame f see
+    mask tokens of frames <= f and the latents of groups <= f (I, P1..Pf); latents of group k see
+    frames <= k and groups <= k. So frame f is decoded from groups <= f only."""
+    return time[None, :] <= time[:, None]
+
+
+@functools.lru_cache(maxsize=16)
+def sequence_layout(frames, h, w, n_i, n_p, rope_split, decoder, device):
+    """(cos, sin) (S, head_dim/2) of the 3D RoPE and the (S, S) mask, built once per shape.
+    Frame token (f, row, col) has rotary position (f, row, col); query n has (n, n, n). Each axis
+    turns its own band of pairs (rope_split, the release's 8/12/12 of 32) at its own frequencies."""
+    time, is_frame = token_times(frames, h * w, n_i, n_p, device)
+    mask = decoder_mask(time) if decoder else encoder_mask(time, is_frame)
+    grid = torch.meshgrid(*(torch.arange(n, device=device) for n in (frames, h, w)), indexing="ij")
+    n = torch.arange(len(time) - frames * h * w, device=device)
+    pos = torch.cat([torch.stack(grid, dim=-1).view(-1, 3), torch.stack([n, n, n], dim=-1)])  # (S, 3)
+    angles = torch.cat([rope_angles(pos[:, a], rope_split[a]) for a in range(3)], dim=-1)  # (S, head_dim/2)
+    return angles.cos(), angles.sin(), mask
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN x), then x + MLP(LN x). No attention biases and
+    exact GELU, as the release (TiTok blocks with bias=False)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads, self.attn_impl = cfg.heads, cfg.attn_impl
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.norm2 = nn.LayerNorm(cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp)
+        self.fc2 = nn.Linear(cfg.mlp, cfg.width)
+
+    def forward(self, x, cos, sin, mask):
+        B, S, W = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, W // self.heads)  # (B, S, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, H, S, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, mask, self.attn_impl)  # (B, H, S, Dh)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, S, W))  # (B, S, W)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Encoder(nn.Module):
+    """feats (B, T, C, h, w) -> z (B, N, D): frame tokens and queries in one sequence under the
+    encoder mask; the queries' outputs, normed and projected to D channels, are the tokens."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.feat_dim, cfg.width)  # the release's 1×1 Conv2d, on channels
+        self.i_queries = nn.Parameter(torch.empty(cfg.n_i, cfg.width))
+        self.p_queries = nn.Parameter(torch.empty(cfg.n_p, cfg.width))  # one set, shared by every P-frame
+        self.norm_pre = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.enc_depth))
+        self.norm_post = nn.LayerNorm(cfg.width)
+        self.to_code = nn.Linear(cfg.width, len(cfg.levels))
+
+    def forward(self, feats):
+        c, (B, T) = self.cfg, feats.shape[:2]
+        x = feats.permute(0, 1, 3, 4, 2).reshape(B, T * c.feat_h * c.feat_w, c.feat_dim)  # (B, T·h·w, C)
+        x = self.patch_embed(x)  # (B, T·h·w, W)
+        queries = torch.cat([self.i_queries, self.p_queries.repeat(T - 1, 1)])  # (N, W)
+        x = torch.cat([x, queries.expand(B, -1, -1)], dim=1)  # (B, S, W)
+        cos, sin, mask = sequence_layout(T, c.feat_h, c.feat_w, c.n_i, c.n_p, c.rope_split, False, x.device)
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.to_code(self.norm_post(x[:, T * c.feat_h * c.feat_w:]))  # (B, N, D)
+
+
+class Decoder(nn.Module):
+    """codes (B, N, D) -> feats (B, T, C, h, w), T = 1 + (N - n_i) / n_p: one learned mask token
+    per feature position, then the projected codes, under the decoder mask; the mask tokens'
+    outputs go through the release's tanh head back to C channels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.from_code = nn.Linear(len(cfg.levels), cfg.width)
+        self.mask_token = nn.Parameter(torch.empty(cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.dec_depth))
+        self.norm_post = nn.LayerNorm(cfg.width)
+        self.head = nn.Sequential(  # the release's two-layer tanh head
+            nn.Linear(cfg.width, 2 * cfg.width), nn.Tanh(), nn.Linear(2 * cfg.width, cfg.feat_dim))
+
+    def forward(self, codes):
+        c, (B, N) = self.cfg, codes.shape[:2]
+        T, hw = 1 + (N - c.n_i) // c.n_p, c.feat_h * c.feat_w
+        x = torch.cat([self.mask_token.expand(B, T * hw, -1), self.from_code(codes)], dim=1)  # (B, S, W)
+        cos, sin, mask = sequence_layout(T, c.feat_h, c.feat_w, c.n_i, c.n_p, c.rope_split, True, x.device)
+        x = self.norm_pre(x)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        x = self.head(self.norm_post(x[:, : T * hw]))  # (B, T·h·w, C)
+        return x.view(B, T, c.feat_h, c.feat_w, c.feat_dim).permute(0, 1, 4, 2, 3)  # (B, T, C, h, w)
+
+
+class SemanticTokenizer(nn.Module):
+    """Encoder -> FSQ -> Decoder. encode/decode take any prefix of groups: T = 1..frames
+    semantic frames <-> n_i + (T-1)·n_p tokens (a longer clip is several segments)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.fsq = FSQ(cfg.levels)
+        self.decoder = Decoder(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Linear layers keep PyTorch's default init, as the release. The learned tokens start as
+        # the release's width^-0.5 · N(0, 1); the first LayerNorm rescales them.
+        for p in (self.encoder.i_queries, self.encoder.p_queries, self.decoder.mask_token):
+            nn.init.normal_(p, std=self.cfg.width ** -0.5)
+        # The projection into FSQ starts small (z ≈ 0.05 · N(0, 1), zero bias): every token starts at
+        # the grid's centre, where tanh is linear. From the default init, the early and still aimless
+        # updates pushed z into tanh's flat tails, where many tokens share a code: in our tiny runs
+        # perplexity was about half at the same step, and at lr 2e-3, batch 8, the codes collapsed.
+        nn.init.normal_(self.encoder.to_code.weight, std=0.05 * self.cfg.width ** -0.5)
+        nn.init.zeros_(self.encoder.to_code.bias)
+        # Deliberately no zero-init of the decoder's head (DiT-style): it kept the tiny model at
+        # "predict the mean feature" for hundreds of steps, the decoder ignoring the tokens.
+
+    def _check_feats(self, feats):
+        c = self.cfg
+        if (feats.ndim != 5 or tuple(feats.shape[2:]) != (c.feat_dim, c.feat_h, c.feat_w)
+                or not 1 <= feats.shape[1] <= c.frames):
+            raise ValueError(f"feats must be (B, T, {c.feat_dim}, {c.feat_h}, {c.feat_w}) with 1 <= T <= "
+                             f"{c.frames}, got {tuple(feats.shape)}")
+
+    def _check_indices(self, indices):
+        c = self.cfg
+        lengths = [c.n_i + k * c.n_p for k in range(c.frames)]
+        if indices.ndim != 2 or indices.shape[1] not in lengths or indices.is_floating_point():
+            raise ValueError(f"indices must be integer (B, n_i + k·n_p) = (B, {c.n_i} + k·{c.n_p}) with k in "
+                             f"0..{c.frames - 1} (a full segment: {c.n_tokens}), "
+                             f"got {indices.dtype} {tuple(indices.shape)}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= c.codebook_size):
+            raise ValueError(f"indices must lie in [0, {c.codebook_size}), got values in "
+                             f"[{indices.min().item()}, {indices.max().item()}]")
+
+    def forward(self, feats):
+        """feats (B, T, C, h, w) -> (reconstruction (B, T, C, h, w), indices (B, N)), for training."""
+        self._check_feats(feats)
+        codes, indices = self.fsq(self.encoder(feats))  # (B, N, D), (B, N)
+        return self.decoder(codes), indices
+
+    @torch.no_grad()
+    def encode(self, feats):
+        """feats (B, T, C, h, w) -> token ids (B, n_i + (T-1)·n_p)."""
+        self._check_feats(feats)
+        return self.fsq(self.encoder(feats))[1]
+
+    @torch.no_grad()
+    def decode(self, indices):
+        """token ids (B, n_i + k·n_p) -> feats (B, k+1, C, h, w); frame f depends on groups <= f only."""
+        self._check_indices(indices)
+        return self.decoder(self.fsq.indices_to_codes(indices).to(self.decoder.from_code.weight.dtype))
+
+
+def tokenizer_loss(model, feats):
+    """Feature-reconstruction MSE (the release's loss without its VQ commitment term)."""
+    recon, indices = model(feats)
+    return F.mse_loss(recon.float(), feats.float()), indices
+
+
+def codebook_usage(indices, codebook_size):
+    """(fraction of the codebook used, perplexity exp(entropy) of the code histogram) for logs:
+    perplexity = codebook_size means perfectly uniform use, 1 means a single code."""
+    p = torch.bincount(indices.flatten(), minlength=codebook_size).double() / indices.numel()
+    entropy = -(p * p.clamp_min(1e-30).log()).sum()  # 0·log 0 counts as 0
+    return (p > 0).double().mean().item(), entropy.exp().item()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model, features = SemanticTokenizer(cfg).eval(), FrozenPatchFeatures(cfg)
+    video = torch.rand(2, 3, 1 + cfg.time_stride * (cfg.frames - 1), cfg.image_h, cfg.image_w) * 2 - 1
+    feats = features(video)
+    ids = model.encode(feats)
+    print(f"tiny: video {tuple(video.shape)} -> feats {tuple(feats.shape)} -> ids {tuple(ids.shape)} "
+          f"(codebook {cfg.codebook_size}) -> feats {tuple(model.decode(ids).shape)}; "
+          f"first 2 groups -> {tuple(model.decode(ids[:, : cfg.n_i + cfg.n_p]).shape)}")
+    for name, c in PRESETS.items():
+        with torch.device("meta"):
+            m = SemanticTokenizer(c)
+        count = lambda mod: sum(p.numel() for p in mod.parameters())
+        pixels = (1 + c.time_stride * (c.frames - 1)) * c.image_h * c.image_w
+        print(f"{name}: {c.frames} frames of {c.feat_dim}×{c.feat_h}×{c.feat_w} -> {c.n_tokens} tokens "
+              f"({c.n_i} + {c.frames - 1}×{c.n_p}; {pixels / c.n_tokens:,.0f} pixels per token), "
+              f"{c.codebook_size} codes; params {count(m) / 1e6:.2f} M (encoder {count(m.encoder) / 1e6:.2f} M, "
+              f"decoder {count(m.decoder) / 1e6:.2f} M)")
