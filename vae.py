@@ -316,15 +316,18 @@ class VAE(nn.Module):
         return torch.cat(out, dim=2)  # (B, 3, T, H, W)
 
 
-def vae_loss(vae, x, kl_weight=1e-6):
+def vae_loss(vae, x, kl_weight=1e-6, weight=None):
     """Reparameterised VAE loss -> (loss, recon_mse). kl_weight weighs the summed
     KL against the summed squared error, as in LDM, so 1e-6 only keeps the latent
-    scale in check; train_tiny.py then rescales latents by their measured std."""
+    scale in check; train_tiny.py then rescales latents by their measured std.
+    weight (broadcastable to x), if given, weighs each pixel's squared error: small
+    objects on a flat background otherwise learn their colour last (SPEC §7)."""
     mean, logvar = vae.encode(x)
     z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # z ~ N(mean, sigma^2), differentiable
-    mse = F.mse_loss(vae.decode(z), x)
+    err = (vae.decode(z) - x).square()  # (B, 3, T, H, W)
+    rec = err.mean() if weight is None else (err * weight).mean()
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()  # KL(q || N(0, I)), per pixel value
-    return mse + kl_weight * kl, mse.detach()
+    return rec + kl_weight * kl, err.mean().detach()
 
 
 # ---------------------------------------------------------------------------- demo
