@@ -114,7 +114,7 @@ PRESETS = {
 }
 
 
-# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_copies.py) ----
+# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_project.py) ----
 def attention(q, k, v, mask=None, impl="sdpa"):
     """softmax(q kᵀ / √d) v, restricted by mask: the whole of attention.
 
@@ -132,7 +132,7 @@ def attention(q, k, v, mask=None, impl="sdpa"):
 # ---- end copied primitive ----
 
 
-# ---- copied primitive: timestep_embedding (identical in lm.py, diffusion.py; tests/test_copies.py) ----
+# ---- copied primitive: timestep_embedding (identical in lm.py, diffusion.py; tests/test_project.py) ----
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal features of scalars t (B,) -> (B, dim) = [cos(t·f_i), sin(t·f_i)]
     with f_i = max_period^(-i / (dim/2)): the Transformer's position code, used by

@@ -110,7 +110,7 @@ PRESETS = {
 }
 
 
-# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_copies.py) ----
+# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_project.py) ----
 def attention(q, k, v, mask=None, impl="sdpa"):
     """softmax(q kᵀ / √d) v, restricted by mask: the whole of attention.
 
@@ -128,7 +128,7 @@ def attention(q, k, v, mask=None, impl="sdpa"):
 # ---- end copied primitive ----
 
 
-# ---- copied primitive: rope (identical in tokenizer.py, lm.py; tests/test_copies.py) ----
+# ---- copied primitive: rope (identical in tokenizer.py, lm.py; tests/test_project.py) ----
 def rope_angles(pos, n_pairs, theta=10000.0):
     """Rotary angles (N, n_pairs) for positions pos (N,): channel pair i turns by
     pos · theta^(-i / n_pairs), fast for low pairs, slow for high ones
@@ -146,7 +146,7 @@ def apply_rope(x, cos, sin):
 # ---- end copied primitive ----
 
 
-# ---- copied primitive: timestep_embedding (identical in lm.py, diffusion.py; tests/test_copies.py) ----
+# ---- copied primitive: timestep_embedding (identical in lm.py, diffusion.py; tests/test_project.py) ----
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal features of scalars t (B,) -> (B, dim) = [cos(t·f_i), sin(t·f_i)]
     with f_i = max_period^(-i / (dim/2)): the Transformer's position code, used by

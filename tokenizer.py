@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_copies.py) ----
+# ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_project.py) ----
 def attention(q, k, v, mask=None, impl="sdpa"):
     """softmax(q kᵀ / √d) v, restricted by mask: the whole of attention.
 
@@ -59,7 +59,7 @@ def attention(q, k, v, mask=None, impl="sdpa"):
 # ---- end copied primitive ----
 
 
-# ---- copied primitive: rope (identical in tokenizer.py, lm.py; tests/test_copies.py) ----
+# ---- copied primitive: rope (identical in tokenizer.py, lm.py; tests/test_project.py) ----
 def rope_angles(pos, n_pairs, theta=10000.0):
     """Rotary angles (N, n_pairs) for positions pos (N,): channel pair i turns by
     pos · theta^(-i / n_pairs), fast for low pairs, slow for high ones

@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ["vae.py", "tokenizer.py", "lm.py", "diffusion.py"]
 BLOCK = re.compile(
-    r"^# ---- copied primitive: (\w+) \(identical in ([\w., ]+); tests/test_copies\.py\) ----\n"
+    r"^# ---- copied primitive: (\w+) \(identical in ([\w., ]+); tests/test_project\.py\) ----\n"
     r"(.*?)^# ---- end copied primitive ----$",
     re.S | re.M,
 )
