@@ -317,7 +317,7 @@ def frame_group_norm(self, x):
 @torch.no_grad()
 def bench_vae(a, s):
     cfg = vae.VAEConfig(base_ch=s["base_ch"], ch_mult=(1, 2, 2, 4), n_res=s["n_res"], z_ch=s["z_ch"],
-                        groups=s["groups"], time_levels=2)  # 8x space, 4x time
+                        groups=s["groups"], eps=1e-6, time_levels=2)  # 8x space, 4x time; the release eps
     row = Row("vae encode+decode")
     row.notes.append(f"widths {tuple(cfg.base_ch * m for m in cfg.ch_mult)}, ResBlocks per level {cfg.n_res}, "
                      f"z {cfg.z_ch}, clip {s['clip']}")

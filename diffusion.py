@@ -48,7 +48,7 @@ class DiffusionConfig:
     frames: int = 5             # latent frames per window
     lat_h: int = 8              # latent height
     lat_w: int = 8              # latent width
-    patch: int = 4              # p×p patches per frame (CogVideoX: 2)
+    patch: int = 2              # p×p patches per frame, as CogVideoX
     width: int = 128            # D
     depth: int = 4              # DiT blocks
     heads: int = 4
@@ -57,9 +57,9 @@ class DiffusionConfig:
     text_len: int = 8           # text tokens L (padded with zero vectors)
     time_dim: int = 128         # time embedding width (the adaLN input)
     control_depth: int = 2      # DiT blocks copied into the ControlNet branch
-    sem_dim: int = 64           # semantic feature width (the tokenizer's)
+    sem_dim: int = 192          # semantic feature width (the tokenizer's)
     sem_ch: int = 64            # upsampler output channels (release 64)
-    sem_up: int = 0             # pixel-shuffle ×2 stages from the semantic grid to the latent grid
+    sem_up: int = 1             # pixel-shuffle ×2 stages from the semantic grid to the latent grid
     up_ch: int = 32             # upsampler width (release 512)
     up_blocks: int = 1          # ResNet blocks per upsampler level (release 4 + 1)
     prefix: int = 3             # clean streaming prefix, in latent frames
@@ -81,9 +81,11 @@ class DiffusionConfig:
             raise ValueError(f"control_depth must be in 0..depth ({self.depth}), got {self.control_depth}")
         if not 0 <= self.prefix < self.frames:
             raise ValueError(f"prefix must be in 0..frames-1 (0..{self.frames - 1}), got {self.prefix}")
-        if self.up_ch % 32 or (self.sem_up and self.up_ch % 128) or self.up_blocks < 1:
-            raise ValueError(f"up_ch must be a multiple of 32 (GroupNorm(32)), of 128 when sem_up > 0, and "
-                             f"up_blocks ≥ 1; got up_ch={self.up_ch}, up_blocks={self.up_blocks}")
+        levels = (self.up_ch, self.up_ch // 4) if self.sem_up else (self.up_ch,)  # a pixel shuffle: c -> c/4
+        if self.up_ch % 4 or any(c >= 32 and c % 32 for c in levels) or self.up_blocks < 1:
+            raise ValueError(f"up_ch must be a multiple of 4 whose levels (up_ch, and up_ch/4 when sem_up > 0) are "
+                             f"under 32 or multiples of 32 channels (GroupNorm(32)), and up_blocks ≥ 1; got "
+                             f"up_ch={self.up_ch}, up_blocks={self.up_blocks}")
         if self.shift <= 0 or not 0 <= self.p_uncond < 1:
             raise ValueError(f"shift must be > 0 and p_uncond in [0, 1), got {self.shift}, {self.p_uncond}")
 
@@ -105,7 +107,7 @@ class DiffusionConfig:
 
 
 PRESETS = {
-    # DiT 1.70 M; ControlNet 0.89 M (2 blocks, embeddings, zero linears) + upsampler 0.10 M
+    # DiT 1.68 M; ControlNet 0.88 M (2 blocks, embeddings, zero linears) + upsampler 0.13 M; 80 video tokens
     "tiny": DiffusionConfig(),
     # DiT 1,693,783,872 (= CogVideoX-2B); ControlNet 905.76 M + upsampler 39.25 M = 945.01 M
     "full": DiffusionConfig(latent_ch=16, frames=13, lat_h=60, lat_w=90, patch=2, width=1920, depth=30,
@@ -278,13 +280,18 @@ class DiT(nn.Module):
         return unpatchify(self.proj_out(vid), self.cfg)  # (B, N, p·p·C) -> (B, C, T, H, W)
 
 
+def group_norm(c):
+    """VQGAN's GroupNorm(32); a tiny upsampler with fewer than 32 channels gets one group per channel."""
+    return nn.GroupNorm(min(32, c), c, eps=1e-6)
+
+
 class ResBlock(nn.Module):
     """VQGAN ResNet block: (GroupNorm, SiLU, 3×3 conv) twice, 1×1 shortcut when the width changes."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(32, c_in, eps=1e-6), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(32, c_out, eps=1e-6), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -304,7 +311,7 @@ def semantic_upsampler(cfg):
         layers += [nn.PixelShuffle(2), nn.Conv2d(c // 4, c, 3, padding=1)]  # (c, h, w) -> (c/4, 2h, 2w) -> (c, 2h, 2w)
     c_out = c // 4 if cfg.sem_up else c
     layers += [ResBlock(c, c_out)] + [ResBlock(c_out, c_out) for _ in range(cfg.up_blocks - 1)]
-    layers += [nn.GroupNorm(32, c_out, eps=1e-6), nn.SiLU(), nn.Conv2d(c_out, cfg.sem_ch, 3, padding=1)]
+    layers += [group_norm(c_out), nn.SiLU(), nn.Conv2d(c_out, cfg.sem_ch, 3, padding=1)]
     return nn.Sequential(*layers)
 
 

@@ -79,11 +79,13 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class TokenizerConfig:
-    # semantic features in: `frames` frames of (feat_dim, feat_h, feat_w) per segment
-    feat_dim: int = 64
+    # semantic features in: `frames` frames of (feat_dim, feat_h, feat_w) per segment. Tiny: one 192-d
+    # vector per 8×8 patch (3·8² values, as Theia's ViT-B/16 gives 768 = 3·16² per 16×16 patch), a grid
+    # at half the VAE latent's resolution, as at full size (30×45 features, 60×90 latents)
+    feat_dim: int = 192
     frames: int = 5  # semantic frames per segment (full: 13 = RGB frames 0, 4, ..., 48)
-    feat_h: int = 8
-    feat_w: int = 8
+    feat_h: int = 4
+    feat_w: int = 4
     # encoder and decoder: pre-LN transformers of the same width, heads and MLP
     width: int = 128
     enc_depth: int = 2
@@ -99,7 +101,7 @@ class TokenizerConfig:
     # feature source (FrozenPatchFeatures): RGB size, patch size, RGB frames per semantic frame
     image_h: int = 32
     image_w: int = 32
-    patch: int = 4
+    patch: int = 8
     time_stride: int = 4
     feat_seed: int = 0
 
@@ -130,7 +132,7 @@ class TokenizerConfig:
 
 
 PRESETS = {
-    "tiny": TokenizerConfig(),  # 0.85 M params (encoder 0.41 M, decoder 0.45 M); 32 tokens
+    "tiny": TokenizerConfig(),  # 0.90 M params (encoder 0.42 M, decoder 0.48 M); 32 tokens
     "full": TokenizerConfig(  # 173.3 M (encoder 85.9 M, decoder 87.4 M; release 174.5 M); 1,218 tokens
         feat_dim=768, frames=13, feat_h=30, feat_w=45, width=768, enc_depth=12, dec_depth=12,
         heads=12, mlp=3072, n_i=330, n_p=74, levels=(8, 8, 8, 4), rope_split=(8, 12, 12),
@@ -142,8 +144,8 @@ class FrozenPatchFeatures(nn.Module):
     """The toy stand-in for Theia (ViT-B/16, 768-d, frozen): a frozen random linear patch
     embedding of the RGB frames 0, time_stride, 2·time_stride, ..., the same frames the VAE keeps
     as its latent frames. The tokenizer only needs frozen per-frame features that keep what is
-    in a frame and where; a random projection of each patch (3·p² values → feat_dim, injective
-    for 48 → 64 at tiny size) keeps all of it. At full size it only stands in for the shape.
+    in a frame and where; a random projection of each patch (3·p² values → feat_dim, square and
+    invertible at tiny size, 192 → 192) keeps all of it. At full size it only stands in for the shape.
     The weight comes from its own torch.Generator(feat_seed): the same features on every run,
     whatever the global RNG did. It is a buffer and sees no gradient."""
 

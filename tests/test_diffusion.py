@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusion import PRESETS, ControlNet, DiT, euler_sample, fm_loss, patchify, unpatchify
 
@@ -45,7 +46,7 @@ def perturb(module):
 
 
 def test_patchify_unpatchify_inverse_and_token_order():
-    for cfg in (CFG, dataclasses.replace(CFG, patch=2, lat_w=12)):
+    for cfg in (CFG, dataclasses.replace(CFG, patch=4, lat_w=12)):
         x = inputs(cfg)[0]
         tok = patchify(x, cfg.patch)
         T, h, w = cfg.grid
@@ -151,7 +152,7 @@ def test_token_counts_and_full_size_on_meta():
     x, t, text, sem = inputs()
     dit = DiT(CFG)
     txt, vid, emb = dit.embed(x, t, text)
-    assert (CFG.tokens, CFG.seq) == (20, 28) and txt.shape[1] == 8 and vid.shape[1] == 20
+    assert (CFG.tokens, CFG.seq) == (5 * 4 * 4, 88) and txt.shape[1] == 8 and vid.shape[1] == 80  # 8x8 latents, patch 2
     full = PRESETS["full"]
     assert (full.tokens, full.text_len, full.seq) == (13 * 30 * 45, 226, 17_776)
     with torch.device("meta"):
@@ -175,7 +176,7 @@ def test_bad_input_says_what_fits():
     x, t, text, sem = inputs()
     bad = [
         lambda: dit(x[:, :, :4], t, text),  # 4 latent frames, config has 5
-        lambda: dit(x[..., :6], t, text),  # width 6 is not a multiple of patch 4
+        lambda: dit(x[..., :7], t, text),  # width 7 is not a multiple of patch 2
         lambda: dit(torch.randn(2, 8, 5, 12, 12), t, text),  # patchifies, but not this config's size
         lambda: dit(x, t, text[..., :64]),  # text width
         lambda: dit(x, t, text[:, :5]),  # text length
@@ -203,7 +204,7 @@ def test_overfit_lowers_fm_loss():
     start = eval_loss()
     opt = torch.optim.Adam(dit.parameters(), lr=3e-3)
     dit.train()
-    for _ in range(150):
+    for _ in range(250):
         loss = fm_loss(dit, x0, text)
         opt.zero_grad()
         loss.backward()
@@ -218,7 +219,9 @@ def test_branch_trains_through_a_frozen_base():
     dit.requires_grad_(False)
     before = [p.clone() for p in dit.parameters()]
     x0, _, text, _ = inputs(B=4, seed=4)
-    sem = x0.transpose(1, 2).repeat(1, 1, CFG.sem_dim // CFG.latent_ch, 1, 1)  # (B, T, sem_dim, h, w): x0 itself
+    r = CFG.lat_h // CFG.sem_hw[0]  # the features' grid is r x coarser than the latents': fold r x r into channels
+    sem = F.pixel_unshuffle(x0.transpose(1, 2).flatten(0, 1), r)  # (B*T, C*r*r, h, w): x0 itself, rearranged
+    sem = sem.unflatten(0, x0.shape[:1] + x0.shape[2:3]).repeat(1, 1, CFG.sem_dim // sem.shape[1], 1, 1)  # (B, T, sem_dim, h, w)
 
     def eval_loss():
         ctrl.eval()
