@@ -1,0 +1,482 @@
+"""train_tiny.py: the whole LanDiff pipeline learns a toy world on a laptop CPU.
+
+Moving Shapes (../shared/TOY_WORLD.md, rendered below): one coloured circle, square or triangle
+glides left, right, up or down over 17 black 32x32 frames, captioned "a red circle moving left";
+three colour-shape pairs are never rendered for training. Every stage is trained in data-dependency
+order, as in the paper (arXiv 2503.04606 §3-4):
+
+    VAE                         (one process)  ┐ side by side: they share nothing, and these
+    tokenizer -> LM + text enc. (another one)  ┘ small models gain little from a second thread
+    -> base DiT (text -> latents) -> ControlNet branch (base frozen; conditioned on the tokenizer's
+       reconstruction of each clip's features, as the paper trains it)
+
+then judged: clips for every colour-shape-direction combination, seen and held out, from the full
+pipeline and from the base DiT alone (the paper's claim in miniature), plus long 41-frame clips
+streamed window by window.
+
+    python train_tiny.py                          # everything, ~9 minutes on 2 CPU cores
+    python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
+    python train_tiny.py --stage eval             # judge the checkpoints in --out again
+"""
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import diffusion
+import lm
+import sample
+import tokenizer
+import vae
+
+# ---------------------------------------------------------------------------- the world (TOY_WORLD.md)
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230),
+          "yellow": (230, 210, 50), "magenta": (210, 60, 210), "cyan": (50, 210, 210)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+HELD_OUT = {("yellow", "triangle"), ("cyan", "circle"), ("magenta", "square")}  # never rendered for training
+TEMPLATES = ("a {color} {shape} moving {direction}", "a {color} {shape} moves {direction}",
+             "{color} {shape} going {direction}", "a {shape}, {color}, moving {direction}")
+SIZE, S, V_RANGE, LO, HI = 32, 10.0, (0.5, 1.25), 5.5, 26.5  # frame size, shape size, speeds, centre bounds
+COMBOS = [(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+SPLITS = {"seen": [x for x in COMBOS if x[:2] not in HELD_OUT], "held-out": [x for x in COMBOS if x[:2] in HELD_OUT]}
+
+
+def shape_mask(shape, cx, cy):
+    """(..., 32, 32) bool: pixels whose centre (x+0.5, y+0.5) lies inside `shape` centred at cx, cy (...)."""
+    g = torch.arange(SIZE, dtype=torch.float64) + 0.5
+    dx, dy = g.view(1, -1) - cx[..., None, None], g.view(-1, 1) - cy[..., None, None]  # (..., 1, W), (..., H, 1)
+    r = S / 2
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r * r
+    if shape == "square":
+        return (dx.abs() <= r) & (dy.abs() <= r)
+    return (dy >= -r) & (dy <= r) & (dx.abs() <= (dy + r) / 2)  # triangle, apex up
+
+
+def draw_clips(n, g, frames=17, speeds=V_RANGE, combos=SPLITS["seen"]):
+    """n clip specs: colour, shape, direction, speed v, and a start that keeps every frame's centre inside.
+    Deterministic for the torch.Generator g; call it again for more: the world is endless."""
+    specs, travel_max = [], HI - LO
+    for i in torch.randint(len(combos), (n,), generator=g).tolist():
+        v = speeds[0] + (speeds[1] - speeds[0]) * torch.rand((), generator=g, dtype=torch.float64).item()
+        (ux, uy), travel = DIRECTIONS[combos[i][2]], v * (frames - 1)
+        if travel > travel_max:
+            raise ValueError(f"speed {v:.2f} moves {travel:.1f} px in {frames} frames; at most {travel_max} px fit")
+        u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        start = [LO - min(0, a) * travel + uu * (travel_max - abs(a) * travel) for a, uu in zip((ux, uy), u)]
+        specs.append(dict(zip(("color", "shape", "direction"), combos[i]), v=v, start=start, frames=frames))
+    return specs
+
+
+def render(specs):
+    """clip specs -> uint8 video (N, T, 32, 32, 3): flat colour on black, no anti-aliasing."""
+    video = torch.zeros(len(specs), specs[0]["frames"], SIZE, SIZE, 3, dtype=torch.uint8)
+    t = torch.arange(specs[0]["frames"], dtype=torch.float64)
+    for i, sp in enumerate(specs):
+        (ux, uy), (x0, y0) = DIRECTIONS[sp["direction"]], sp["start"]
+        video[i][shape_mask(sp["shape"], x0 + ux * sp["v"] * t, y0 + uy * sp["v"] * t)] = torch.tensor(COLORS[sp["color"]], dtype=torch.uint8)
+    return video
+
+
+def to_float(video):  # uint8 (N, T, H, W, 3) -> float (N, 3, T, H, W) in [-1, 1], the VAE's layout
+    return video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def captions(specs, g, template=None):  # a random template per clip, or the given one (evaluation: 0)
+    pick = torch.randint(len(TEMPLATES), (len(specs),), generator=g).tolist() if template is None else [template] * len(specs)
+    return [TEMPLATES[k].format(**sp) for k, sp in zip(pick, specs)]
+
+
+# ---------------------------------------------------------------------------- judging a clip (TOY_WORLD.md)
+def _centroid_offset(shape):  # a triangle's centroid lies r/3 below its nominal centre
+    ys, xs = np.nonzero(shape_mask(shape, torch.tensor(16.0), torch.tensor(16.0)).numpy())
+    return xs.mean() + 0.5 - 16, ys.mean() + 0.5 - 16
+
+
+OFFSETS, PALETTE = {s: _centroid_offset(s) for s in SHAPES}, np.array(list(COLORS.values()), dtype=np.float64)
+
+
+def judge_frames(video):
+    """uint8 (T, H, W, 3) -> per frame (colour, shape, cx, cy), or None where nothing is drawn."""
+    out = []
+    for frame in video.astype(np.float64):
+        bright = frame.max(-1)  # brightest channel
+        if bright.max() < 64:  # no palette colour is this dark: an empty frame
+            out.append(None)
+            continue
+        m = bright > bright.max() / 2  # the object: over half its peak brightness
+        ys, xs = np.nonzero(m)
+        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+        top = frame[m][bright[m] >= np.median(bright[m])]  # its brightest pixels
+        color = list(COLORS)[np.argmin(((PALETTE - np.median(top, 0)) ** 2).sum(-1))]
+        ious = [(m & t).sum() / (m | t).sum() for t in  # each template with ITS centroid on the object's
+                (shape_mask(s, torch.tensor(cx - OFFSETS[s][0]), torch.tensor(cy - OFFSETS[s][1])).numpy() for s in SHAPES)]
+        out.append((color, SHAPES[int(np.argmax(ious))], cx, cy))
+    return out
+
+
+def direction(cxy):
+    """Sign of the larger fitted centroid velocity; under 3 px of travel is "none"."""
+    t = np.arange(len(cxy))
+    vx, vy = np.polyfit(t, cxy[:, 0], 1)[0], np.polyfit(t, cxy[:, 1], 1)[0]
+    if max(abs(vx), abs(vy)) * (len(cxy) - 1) < 3:
+        return "none"
+    return ("right" if vx > 0 else "left") if abs(vx) >= abs(vy) else ("down" if vy > 0 else "up")
+
+
+def judge_clip(video, chunks=None):
+    """-> colour, shape (majority over frames), direction (fit over the clip) and, for long clips,
+    continuity: the same colour and shape throughout, one direction in every chunk, no jump > 3 px."""
+    fr = judge_frames(video)
+    seen = [x for x in fr if x is not None]
+    if len(seen) < 2:
+        return dict(color=None, shape=None, direction=None, continuous=False)
+    cs, ss, cxy = [x[0] for x in seen], [x[1] for x in seen], np.array([x[2:] for x in seen])
+    whole = len(seen) == len(fr)  # an object in every frame (else chunk indices would not line up)
+    dirs = {direction(cxy[a:b]) for a, b in (chunks or [])} if whole else set()
+    jump = np.sqrt(((cxy[1:] - cxy[:-1]) ** 2).sum(-1)).max()
+    return dict(color=max(set(cs), key=cs.count), shape=max(set(ss), key=ss.count), direction=direction(cxy),
+                continuous=whole and len(set(cs)) == 1 and len(set(ss)) == 1 and len(dirs) <= 1 and jump <= 3)
+
+
+# ---------------------------------------------------------------------------- training loop, checkpoints
+# (steps, clips per batch, peak learning rate) per stage, measured to fit ~9 minutes on 2 cores (README)
+PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(400, 32, 2e-3), dit=(800, 16, 2e-3),
+            control=(800, 16, 2e-3))
+STAGE_NAMES = list(PLAN)
+NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
+SAVE_EVERY = 30  # seconds between checkpoints of a running stage
+BAR = 0  # tqdm line of this process's bars (the side-by-side VAE process draws on line 1)
+
+
+def fit(name, args, modules, loss_fn, cfg, g, extra=None):
+    """AdamW + warm-up + cosine decay over the PLAN's steps; a tqdm bar; an atomic checkpoint every 30 s
+    and at the end. With --resume, a finished stage is loaded and skipped, an interrupted one continues."""
+    steps, _, lr = PLAN[name]
+    path, step, steps = os.path.join(args.out, f"{name}.pt"), 0, min(steps, args.steps or steps)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    if args.resume and os.path.exists(path):
+        ck = sample.load_checkpoint(path, name)
+        for k, m in modules.items():
+            m.load_state_dict(ck[k])
+        if ck["done"]:
+            print(f"{name}: done earlier, loaded {path}")
+            return ck
+        opt.load_state_dict(ck["optim"]), sched.load_state_dict(ck["sched"])
+        g.set_state(ck["gen"]), torch.set_rng_state(ck["rng"])
+        step = ck["step"]
+        print(f"{name}: resuming at step {step}/{steps}")
+
+    def save(done, n):
+        sample.save_checkpoint(path, stage=name, config=dataclasses.asdict(cfg), done=done, step=n,
+                               **{k: m.state_dict() for k, m in modules.items()}, optim=opt.state_dict(),
+                               sched=sched.state_dict(), gen=g.get_state(), rng=torch.get_rng_state(), **(extra or {}))
+
+    bar = tqdm(range(step, steps), desc=f"{name:>9}", initial=step, total=steps, ncols=90, position=BAR)
+    last, ema = time.time(), None
+    for step in bar:
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: {name} loss is {loss.item()} at step {step}; the last good state is in {path} "
+                             f"(continue with --stage {name} --resume, or lower the learning rate)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if time.time() - last > SAVE_EVERY:
+            save(False, step + 1)
+            last = time.time()
+    bar.close()
+    save(True, steps)
+    return None
+
+
+def gen(args, k):  # one data stream per stage, so --stage X sees the same data as a full run
+    return torch.Generator().manual_seed(args.seed * 1000 + k)
+
+
+def batch(pool, n, g):  # n random clips of a pool: their indices, specs and speeds
+    idx = torch.randint(len(pool["specs"]), (n,), generator=g)
+    specs = [pool["specs"][i] for i in idx.tolist()]
+    return idx, specs, torch.tensor([s["v"] for s in specs], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- the stages
+def stage_vae(args, ctx):
+    cfg, g = vae.PRESETS["tiny"], gen(args, 1)
+    torch.manual_seed(args.seed)
+    model, (_, n, _) = vae.VAE(cfg), PLAN["vae"]
+    # start the output at black and count object pixels 10x: objects cover ~7% of the pixels, and
+    # plain MSE learns the background first while colours stay grey for many minutes (SPEC §7)
+    torch.nn.init.constant_(model.decoder.conv_out.bias, -1.0)
+
+    def loss_fn():  # 5-frame clips hold both causal cases (the lone first frame, a group of 4); many small
+        x = to_float(render(draw_clips(n, g, 5)))  # steps learnt colour faster than fewer 9- or 17-frame ones
+        near = F.max_pool3d((x.amax(1, keepdim=True) > -1).float(), (1, 5, 5), 1, (0, 2, 2))  # object + 2 px
+        return vae.vae_loss(model, x, weight=1 + 9 * near)[0]
+    ck = fit("vae", args, {"model": model}, loss_fn, cfg, g)
+    specs = draw_clips(64, gen(args, 101))
+    x = to_float(render(specs))
+    with torch.no_grad():
+        mean = model.eval().encode(x)[0]
+        y = model.decode(mean)
+    mse, obj = (y - x).square(), x.amax(1, keepdim=True).expand_as(x) > -1
+    got = [judge_clip(v) for v in ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()]
+    ok = np.mean([j["color"] == s["color"] and j["shape"] == s["shape"] for j, s in zip(got, specs)])
+    if ck is None:  # latents x scale have unit std, the scale the DiT expects (LDM); kept in the checkpoint
+        model.cfg = dataclasses.replace(cfg, scale_factor=round(1 / mean.std().item(), 5))
+        path = os.path.join(args.out, "vae.pt")
+        sample.save_checkpoint(path, **{**torch.load(path, weights_only=True), "config": dataclasses.asdict(model.cfg)})
+    else:
+        model.cfg = vae.VAEConfig(**ck["config"])
+    ctx["vae"] = model.requires_grad_(False)
+    return (f"reconstruction MSE {mse.mean():.4f} (object pixels {mse[obj].mean():.4f}), colour+shape judged right "
+            f"in {ok:.0%} of reconstructions, latent scale {model.cfg.scale_factor}")
+
+
+def stage_tokenizer(args, ctx):
+    cfg, g, (_, n, _) = tokenizer.PRESETS["tiny"], gen(args, 2), PLAN["tokenizer"]
+    torch.manual_seed(args.seed + 2)
+    model, feats = tokenizer.SemanticTokenizer(cfg), tokenizer.FrozenPatchFeatures(cfg)
+    loss_fn = lambda: tokenizer.tokenizer_loss(model, feats(to_float(render(draw_clips(n, g)))))[0]  # noqa: E731
+    fit("tokenizer", args, {"model": model}, loss_fn, cfg, g)
+    ctx["tok"], ctx["feats"] = model.eval().requires_grad_(False), feats
+    with torch.no_grad():
+        f = feats(to_float(render(draw_clips(256, gen(args, 102)))))
+        loss, ids = tokenizer.tokenizer_loss(model, f)
+    used, ppl = tokenizer.codebook_usage(ids, cfg.codebook_size)
+    return f"feature MSE {loss:.4f} (feature variance {f.var():.4f}), codes used {used:.0%}, perplexity {ppl:.0f}"
+
+
+def segments(ctx, x):
+    """Clips (B, 3, T, H, W) -> each streaming window's features (B, K, frames, C, h, w): window k covers
+    semantic frames [k·stride, k·stride + frames), stride = frames - prefix (sample.py's schedule)."""
+    cfg, f = ctx["tok"].cfg, ctx["feats"](x)  # (B, T_sem, C, h, w)
+    stride = cfg.frames - diffusion.PRESETS["tiny"].prefix
+    return torch.stack([f[:, k:k + cfg.frames] for k in range(0, f.shape[1] - cfg.frames + 1, stride)], 1)
+
+
+@torch.no_grad()
+def make_pool(ctx, n, frames, speeds, g, what):
+    """Rendered training clips and what later stages learn from them: "ids", each window's token ids
+    (B, K * n_tokens) for the LM; "lat", VAE latents x scale, and "rec", the tokenizer's reconstruction
+    of each window (the ControlNet's condition, as in the paper), for the diffusion stages."""
+    specs, out = draw_clips(n, g, frames, speeds), {k: [] for k in what}
+    for i in range(0, n, 250):
+        x = to_float(render(specs[i:i + 250]))
+        if "lat" in what:
+            out["lat"].append(ctx["vae"].encode(x)[0] * ctx["vae"].cfg.scale_factor)  # (b, C, T_lat, h, w)
+        if "ids" in what or "rec" in what:
+            seg = segments(ctx, x).flatten(0, 1)  # (b*K, frames, C, h, w)
+            ids = ctx["tok"].encode(seg)  # (b*K, n_tokens)
+            if "ids" in what:
+                out["ids"].append(ids.view(len(x), -1))  # (b, K * n_tokens): the LM's stream
+            if "rec" in what:
+                out["rec"].append(ctx["tok"].decode(ids).unflatten(0, (len(x), -1)))  # (b, K, frames, C, h, w)
+    return dict(specs=specs, **{k: torch.cat(v) for k, v in out.items()})
+
+
+def pools(args, ctx, name, k, what, sizes):
+    """Pools of 17-frame clips and of longer streams (speeds: the fastest that fit 25 / 41 frames)."""
+    if name not in ctx:
+        t0, g, n = time.time(), gen(args, k), sizes if not args.steps else [min(8, s) for s in sizes]
+        speeds = {17: V_RANGE, 25: (0.5, 0.875), 41: (0.5, 0.525)}
+        ctx[name] = {f: make_pool(ctx, k, f, speeds[f], g, what) for f, k in zip((17, 25, 41), n) if k}
+        print(f"{name:>9}: {' + '.join(str(len(p['specs'])) for p in ctx[name].values())} clips of "
+              f"{'/'.join(map(str, ctx[name]))} frames encoded in {time.time() - t0:.1f}s")
+    return ctx[name]
+
+
+def stage_lm(args, ctx):
+    P, cfg, g, (_, n, _) = pools(args, ctx, "lm pools", 3, ("ids",), (3000, 1000, 400)), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
+    words = lm.TextEncoder.build_vocab(TEMPLATES[k].format(color=c, shape=s, direction=d)
+                                       for k in range(len(TEMPLATES)) for c, s, d in SPLITS["seen"])
+    torch.manual_seed(args.seed + 4)
+    model, text = lm.SemanticLM(cfg), lm.TextEncoder(cfg, words)
+
+    def loss_fn(g=g, frames=None):  # 1-segment clips, with 2- and 4-segment streams now and then
+        frames = frames or (17, 17, 17, 17, 17, 17, 25, 41)[torch.randint(8, (), generator=g)]
+        idx, specs, v = batch(P[frames], n if frames == 17 else n // 2, g)
+        t = text(text.tokenize(captions(specs, g)))
+        return lm.lm_loss(model, P[frames]["ids"][idx], t, torch.full_like(v, 1 + (frames - 1) // 4), v)
+    fit("lm", args, {"model": model, "text": text}, loss_fn, cfg, g)
+    ctx["lm"], ctx["text"] = model.eval().requires_grad_(False), text.eval().requires_grad_(False)
+    with torch.no_grad():
+        val = loss_fn(gen(args, 104), 17)
+    return f"validation loss {val:.3f} per token (ln vocab = {np.log(cfg.vocab_size):.2f})"
+
+
+def diffusion_pools(args, ctx):
+    return pools(args, ctx, "diffusion pools", 4, ("lat", "rec"), (2000, 600, 0))
+
+
+def stage_dit(args, ctx):
+    P, cfg, g, (_, n, _) = diffusion_pools(args, ctx)[17], diffusion.PRESETS["tiny"], gen(args, 6), PLAN["dit"]
+    torch.manual_seed(args.seed + 5)
+    model = diffusion.DiT(cfg)
+
+    def loss_fn(g=g):
+        idx, specs, _ = batch(P, n, g)
+        with torch.no_grad():
+            t = ctx["text"](ctx["text"].tokenize(captions(specs, g)))
+        return diffusion.fm_loss(model, P["lat"][idx], t, generator=g)
+    fit("dit", args, {"model": model}, loss_fn, cfg, g)
+    ctx["dit"] = model.eval().requires_grad_(False)
+    with torch.no_grad():
+        val = loss_fn(gen(args, 105))
+    return f"validation flow-matching loss {val:.4f}"
+
+
+def stage_control(args, ctx):
+    P, g, (_, n, _) = diffusion_pools(args, ctx), gen(args, 7), PLAN["control"]
+    dit = ctx["dit"].requires_grad_(False)  # the base stays frozen (paper §3.3)
+    torch.manual_seed(args.seed + 6)
+    net = diffusion.ControlNet.from_dit(dit).train()
+
+    def loss_fn(g=g, stream=None):  # one batch in three continues a 25-frame clip from its clean prefix
+        stream = bool(torch.rand((), generator=g) < 1 / 3) if stream is None else stream
+        pool = P[25 if stream else 17]
+        idx, specs, _ = batch(pool, n, g)
+        with torch.no_grad():
+            t = ctx["text"](ctx["text"].tokenize(captions(specs, g)))
+        k = 1 if stream else 0  # window k: latent frames [2k, 2k+5), conditioned on window k's features
+        x0 = pool["lat"][idx][:, :, 2 * k:2 * k + dit.cfg.frames]
+        return diffusion.fm_loss(dit, x0, t, net, pool["rec"][idx][:, k], prefix=dit.cfg.prefix if stream else 0,
+                                 generator=g)
+    fit("control", args, {"model": net}, loss_fn, dit.cfg, g)
+    ctx["control"] = net.eval()
+    with torch.no_grad():  # one fixed batch and noise: the branch's loss, and the base's alone
+        idx, specs, _ = batch(P[17], n, gen(args, 106))
+        x0, t = P[17]["lat"][idx], ctx["text"](ctx["text"].tokenize(captions(specs, None, 0)))
+        val = diffusion.fm_loss(dit, x0, t, net, P[17]["rec"][idx][:, 0], generator=gen(args, 107))
+        base = diffusion.fm_loss(dit, x0, t, generator=gen(args, 107))
+    return f"validation flow-matching loss {val:.4f} (the base alone on the same clips and noise: {base:.4f})"
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate(args, seeds=2, long_clips=10):
+    """Judge clips for every combination (canonical template; `seeds` clips per seen combination and
+    twice that per held-out one, speeds spread over the range) from the full pipeline and from the base
+    DiT alone, plus long streamed clips."""
+    p, rows, shown, t0 = sample.load_pipeline(args.out), {}, [], time.time()
+    for name, baseline in (("LanDiff: LM + ControlNet", False), ("base DiT alone", True)):
+        for split, combos in SPLITS.items():
+            specs = [dict(zip(("color", "shape", "direction"), c)) for c in combos
+                     for _ in range(seeds * (1 if split == "seen" else 2))]
+            v = torch.linspace(*V_RANGE, len(specs))[torch.randperm(len(specs), generator=gen(args, 8))]
+            video = sample.generate_video(p, captions(specs, None, 0), 17, v, seed=args.seed, steps=args.euler_steps,
+                                          baseline=baseline)
+            got = [judge_clip(x) for x in video.numpy()]
+            acc = {k: np.mean([j[k] == s[k] for j, s in zip(got, specs)]) for k in ("color", "shape", "direction")}
+            acc["all"] = np.mean([all(j[k] == s[k] for k in ("color", "shape", "direction")) for j, s in zip(got, specs)])
+            rows[(name, split)] = acc
+            n = 5 if split == "seen" else 3  # clips of each split for the picture
+            shown += [] if baseline else list(video[::len(video) // n][:n])
+    specs = draw_clips(long_clips, gen(args, 9), 41, (0.5, 0.5), COMBOS)
+    video = sample.generate_video(p, captions(specs, None, 0), 41, 0.5, seed=args.seed, steps=args.euler_steps)
+    chunks = [(0, 17), (16, 25), (24, 33), (32, 41)]  # the first window, then each streamed chunk
+    longs = [judge_clip(x, chunks) for x in video.numpy()]
+    print(f"\nevaluation ({time.time() - t0:.0f}s): clips judged as ../shared/TOY_WORLD.md says\n"
+          f"{'model':<26}{'split':<10}{'colour':>8}{'shape':>8}{'direction':>10}{'all':>8}")
+    for (name, split), a in rows.items():
+        print(f"{name:<26}{split:<10}" + "".join(f"{a[k]:>{w}.0%}" for k, w in (("color", 8), ("shape", 8), ("direction", 10), ("all", 8))))
+    cont = np.mean([j["continuous"] for j in longs])
+    print(f"long 41-frame clips (streamed, motion 0.5): {cont:.0%} continuous, "
+          f"{np.mean([j['color'] == s['color'] and j['shape'] == s['shape'] for j, s in zip(longs, specs)]):.0%} on prompt")
+    pictures(args, shown[:8], video[:4])
+    return {f"{n} / {s}": a for (n, s), a in rows.items()} | {"long continuous": cont}
+
+
+def pictures(args, clips, longs):
+    """A PNG grid (clips x frames, 2x nearest) and one GIF per clip, under --out."""
+    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+    for i, c in enumerate(list(clips) + list(longs)):
+        imageio.mimsave(os.path.join(args.out, "samples", f"{i:02d}.gif"), list(c.numpy()), duration=125, loop=0)
+    grid = torch.cat([torch.cat(list(c), 1) for c in clips], 0).numpy()  # (rows*H, T*W, 3)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(os.path.join(args.out, "samples.png"))
+
+
+# ---------------------------------------------------------------------------- main
+def run_stage(name, args, ctx):
+    t0 = time.time()
+    metric = globals()[f"stage_{name}"](args, ctx)
+    print(f"{name:>9}: {metric}  [{time.time() - t0:.0f}s]")
+    return dict(seconds=round(time.time() - t0, 1), metric=metric)
+
+
+def _vae_process(args, threads):  # the side-by-side VAE: a fresh (spawned) process, its bar on line 1
+    global BAR
+    BAR = 1
+    torch.set_num_threads(threads)
+    return run_stage("vae", args, {})
+
+
+def side_by_side(args, ctx, report):
+    """VAE in a second process, tokenizer then LM here, each on half the cores. On 2 cores this is ~1.5x
+    faster than one after the other: these small models run barely faster on two threads than on one."""
+    threads, half = torch.get_num_threads(), max(1, torch.get_num_threads() // 2)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_vae_process, args, half)
+        torch.set_num_threads(half)
+        try:
+            for name in ("tokenizer", "lm"):
+                report[name] = run_stage(name, args, ctx)
+        finally:
+            torch.set_num_threads(threads)
+        report.update(vae=job.result(), **{k: report.pop(k) for k in ("tokenizer", "lm")})  # (a failure there raises here)
+    ctx["vae"] = sample.load_pipeline(args.out, stages=("vae",)).vae
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/tiny", help="checkpoint directory (default out/tiny)")
+    ap.add_argument("--stage", choices=STAGE_NAMES + ["eval"], help="run one stage (earlier ones must exist)")
+    ap.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=0, help="cap every stage at this many steps (quick looks, tests)")
+    ap.add_argument("--eval-seeds", type=int, default=2, help="clips per seen combination (x2 per held-out one)")
+    ap.add_argument("--euler-steps", type=int, default=25, help="denoising steps per clip in the evaluation")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(args.seed)
+    t_start, ctx, report = time.time(), {}, {}
+    todo = STAGE_NAMES if args.stage is None else [] if args.stage == "eval" else [args.stage]
+    if todo and NEEDS[todo[0]]:  # one stage: load the stages it stands on
+        p = sample.load_pipeline(args.out, stages=NEEDS[todo[0]])
+        ctx.update(vae=p.vae, tok=p.tok, feats=tokenizer.FrozenPatchFeatures(p.tok.cfg), lm=p.lm, text=p.text, dit=p.dit)
+    if todo == STAGE_NAMES:
+        side_by_side(args, ctx, report)
+        todo = todo[3:]
+    for name in todo:
+        report[name] = run_stage(name, args, ctx)
+    if args.stage in (None, "eval"):
+        t0 = time.time()
+        report["eval"] = evaluate(args, args.eval_seeds)
+        report["eval"]["seconds"] = round(time.time() - t0, 1)
+    total = time.time() - t_start
+    print(f"total {total:.0f}s: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in report.items())
+          + (" (vae beside tokenizer + lm)" if args.stage is None else ""))
+    if args.stage is None:
+        with open(os.path.join(args.out, "report.json"), "w") as f:
+            json.dump(dict(report, total_seconds=round(total, 1)), f, indent=1, default=float)
+    return report
+
+
+if __name__ == "__main__":
+    main()
