@@ -5,7 +5,7 @@ glides left, right, up or down over 17 black 32x32 frames, captioned "a red circ
 three colour-shape pairs are never rendered for training. Every stage is trained in data-dependency
 order, as in the paper (arXiv 2503.04606 §3-4):
 
-    VAE                         (one process)  ┐ side by side: they share nothing, and these
+    VAE -> data for the DiT     (one process)  ┐ side by side: they share nothing, and these
     tokenizer -> LM + text enc. (another one)  ┘ small models gain little from a second thread
     -> base DiT (text -> latents) -> ControlNet branch (base frozen; conditioned on the tokenizer's
        reconstruction of each clip's features, as the paper trains it)
@@ -304,7 +304,7 @@ def pools(args, ctx, name, k, what, sizes):
 
 
 def stage_lm(args, ctx):
-    P, cfg, g, (_, n, _) = pools(args, ctx, "lm pools", 3, ("ids",), (3000, 1000, 400)), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
+    P, cfg, g, (_, n, _) = pools(args, ctx, "lm pools", 3, ("ids",), (2000, 600, 300)), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
     words = lm.TextEncoder.build_vocab(TEMPLATES[k].format(color=c, shape=s, direction=d)
                                        for k in range(len(TEMPLATES)) for c, s, d in SPLITS["seen"])
     torch.manual_seed(args.seed + 4)
@@ -427,19 +427,29 @@ def _vae_process(args, threads):  # the side-by-side VAE: a fresh (spawned) proc
     return run_stage("vae", args, {})
 
 
+def _diffusion_pools_process(args, threads):  # queued behind the VAE: both checkpoints exist by then
+    torch.set_num_threads(threads)
+    p = sample.load_pipeline(args.out, stages=("vae", "tokenizer"))
+    ctx = dict(vae=p.vae, tok=p.tok, feats=tokenizer.FrozenPatchFeatures(p.tok.cfg))
+    return diffusion_pools(args, ctx)
+
+
 def side_by_side(args, ctx, report):
-    """VAE in a second process, tokenizer then LM here, each on half the cores. On 2 cores this is ~1.5x
-    faster than one after the other: these small models run barely faster on two threads than on one."""
+    """VAE, then the diffusion stages' data, in a second process; tokenizer then LM here; each on half
+    the cores. On 2 cores this is ~1.5x faster than one after the other: these small models run
+    barely faster on two threads than on one."""
     threads, half = torch.get_num_threads(), max(1, torch.get_num_threads() // 2)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         job = pool.submit(_vae_process, args, half)
         torch.set_num_threads(half)
         try:
-            for name in ("tokenizer", "lm"):
-                report[name] = run_stage(name, args, ctx)
+            report["tokenizer"] = run_stage("tokenizer", args, ctx)
+            data = pool.submit(_diffusion_pools_process, args, half)  # one worker: runs once the VAE is done
+            report["lm"] = run_stage("lm", args, ctx)
         finally:
             torch.set_num_threads(threads)
         report.update(vae=job.result(), **{k: report.pop(k) for k in ("tokenizer", "lm")})  # (a failure there raises here)
+        ctx["diffusion pools"] = data.result()
     ctx["vae"] = sample.load_pipeline(args.out, stages=("vae",)).vae
 
 
