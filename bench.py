@@ -388,7 +388,7 @@ def bench_sample(a, steps):
         p, src = sample.random_pipeline("tiny"), "random weights (sample.random_pipeline('tiny')): no usable out/tiny"
         for m in p.modules():
             m.eval().requires_grad_(False)
-    row.notes.append(f"sample.generate_video, one prompt, {steps} Euler steps, CFG 3 on the LM and the DiT (the defaults); {src}")
+    row.notes.append(f"sample.generate_video, one prompt, {steps} Euler steps, CFG 3 (LM and DiT); {src}")
     row.ours = timed({"ours": lambda: sample.generate_video(p, ["a red circle moving left"], 17, steps=steps)},
                      a.repeats)["ours"]
     return [row]

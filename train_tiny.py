@@ -99,6 +99,10 @@ def captions(specs, g, template=None):  # a random template per clip, or the giv
     return [TEMPLATES[k].format(**sp) for k, sp in zip(pick, specs)]
 
 
+def text_features(text, specs, g, template=None):  # clips' captions -> the text encoder's (B, L, D)
+    return text(text.tokenize(captions(specs, g, template)))
+
+
 # ---------------------------------------------------------------------------- judging a clip (TOY_WORLD.md)
 def _centroid_offset(shape):  # a triangle's centroid lies r/3 below its nominal centre
     ys, xs = np.nonzero(shape_mask(shape, torch.tensor(16.0), torch.tensor(16.0)).numpy())
@@ -136,6 +140,11 @@ def direction(cxy):
     return ("right" if vx > 0 else "left") if abs(vx) >= abs(vy) else ("down" if vy > 0 else "up")
 
 
+def accuracy(got, specs, keys=("color", "shape", "direction")):
+    """Fraction of judged clips `got` whose `keys` all match their specs."""
+    return float(np.mean([all(j[k] == s[k] for k in keys) for j, s in zip(got, specs)]))
+
+
 def judge_clip(video, chunks=None):
     """-> colour, shape (majority over frames), direction (fit over the clip) and, for long clips,
     continuity: the same colour and shape throughout, one direction in every chunk, no jump > 3 px."""
@@ -152,10 +161,8 @@ def judge_clip(video, chunks=None):
 
 
 # ---------------------------------------------------------------------------- training loop, checkpoints
-# (steps, clips per batch, peak learning rate) per stage: ~10-12 minutes on 2 cores (README). Smaller
-# pools (1200 clips for the DiT, 1500 for the LM) ran in 627 s but held-out accuracy fell from 75% to 35%.
-# The diffusion rates were swept: DiT validation loss 0.105 / 0.073 / 0.063 / 0.072 at 2e-3 / 4e-3 / 8e-3 /
-# 1.2e-2; the tokenizer's FSQ codes collapse above ~2e-3, and the LM was worse at 4e-3 than at 2e-3.
+# (steps, clips per batch, peak learning rate) per stage: ~10-12 minutes on 2 cores (README). DiT validation
+# loss 0.105/0.073/0.063/0.072 at lr 2e-3/4e-3/8e-3/1.2e-2; FSQ codes collapse above ~2e-3 (tokenizer).
 PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(350, 32, 2e-3), dit=(700, 16, 8e-3),
             control=(700, 16, 8e-3))
 STAGE_NAMES = list(PLAN)
@@ -164,9 +171,10 @@ SAVE_EVERY = 30  # seconds between checkpoints of a running stage
 BAR = 0  # tqdm line of this process's bars (the side-by-side VAE process draws on line 1)
 
 
-def fit(name, args, modules, loss_fn, cfg, g, extra=None):
+def fit(name, args, modules, loss_fn, cfg, g, finish=None):
     """AdamW + warm-up + cosine decay over the PLAN's steps; a tqdm bar; an atomic checkpoint every 30 s
-    and at the end. With --resume, a finished stage is loaded and skipped, an interrupted one continues."""
+    and at the end, with the config finish() returns if given. With --resume, a finished stage is loaded
+    and skipped, an interrupted one continues."""
     steps, _, lr = PLAN[name]
     path, step, steps = os.path.join(args.out, f"{name}.pt"), 0, min(steps, args.steps or steps)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -187,7 +195,7 @@ def fit(name, args, modules, loss_fn, cfg, g, extra=None):
     def save(done, n):
         sample.save_checkpoint(path, stage=name, config=dataclasses.asdict(cfg), done=done, step=n,
                                **{k: m.state_dict() for k, m in modules.items()}, optim=opt.state_dict(),
-                               sched=sched.state_dict(), gen=g.get_state(), rng=torch.get_rng_state(), **(extra or {}))
+                               sched=sched.state_dict(), gen=g.get_state(), rng=torch.get_rng_state())
 
     bar = tqdm(range(step, steps), desc=f"{name:>9}", initial=step, total=steps, ncols=90, position=BAR)
     last, ema = time.time(), None
@@ -206,6 +214,7 @@ def fit(name, args, modules, loss_fn, cfg, g, extra=None):
             save(False, step + 1)
             last = time.time()
     bar.close()
+    cfg = finish() if finish else cfg  # (save reads cfg when called)
     save(True, steps)
     return None
 
@@ -233,21 +242,20 @@ def stage_vae(args, ctx):
         x = to_float(render(draw_clips(n, g, 5)))  # steps learnt colour faster than fewer 9- or 17-frame ones
         near = F.max_pool3d((x.amax(1, keepdim=True) > -1).float(), (1, 5, 5), 1, (0, 2, 2))  # object + 2 px
         return vae.vae_loss(model, x, weight=1 + 9 * near)[0]
-    ck = fit("vae", args, {"model": model}, loss_fn, cfg, g)
     specs = draw_clips(64, gen(args, 101))
     x = to_float(render(specs))
+
+    def scale():  # latents x scale have unit std, the scale the DiT expects (LDM); kept in the checkpoint
+        with torch.no_grad():
+            model.cfg = dataclasses.replace(cfg, scale_factor=round(1 / model.encode(x)[0].std().item(), 5))
+        return model.cfg
+    ck = fit("vae", args, {"model": model}, loss_fn, cfg, g, finish=scale)
+    model.cfg = vae.VAEConfig(**ck["config"]) if ck else model.cfg
     with torch.no_grad():
-        mean = model.eval().encode(x)[0]
-        y = model.decode(mean)
+        y = model.eval().decode(model.encode(x)[0])
     mse, obj = (y - x).square(), x.amax(1, keepdim=True).expand_as(x) > -1
     got = [judge_clip(v) for v in ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()]
-    ok = np.mean([j["color"] == s["color"] and j["shape"] == s["shape"] for j, s in zip(got, specs)])
-    if ck is None:  # latents x scale have unit std, the scale the DiT expects (LDM); kept in the checkpoint
-        model.cfg = dataclasses.replace(cfg, scale_factor=round(1 / mean.std().item(), 5))
-        path = os.path.join(args.out, "vae.pt")
-        sample.save_checkpoint(path, **{**torch.load(path, weights_only=True), "config": dataclasses.asdict(model.cfg)})
-    else:
-        model.cfg = vae.VAEConfig(**ck["config"])
+    ok = accuracy(got, specs, ("color", "shape"))
     ctx["vae"] = model.requires_grad_(False)
     return (f"reconstruction MSE {mse.mean():.4f} (object pixels {mse[obj].mean():.4f}), colour+shape judged right "
             f"in {ok:.0%} of reconstructions, latent scale {model.cfg.scale_factor}")
@@ -316,7 +324,7 @@ def stage_lm(args, ctx):
     def loss_fn(g=g, frames=None):  # 1-segment clips, with 2- and 4-segment streams now and then
         frames = frames or (17, 17, 17, 17, 17, 17, 25, 41)[torch.randint(8, (), generator=g)]
         idx, specs, v = batch(P[frames], n if frames == 17 else n // 2, g)
-        t = text(text.tokenize(captions(specs, g)))
+        t = text_features(text, specs, g)
         return lm.lm_loss(model, P[frames]["ids"][idx], t, torch.full_like(v, 1 + (frames - 1) // 4), v)
     fit("lm", args, {"model": model, "text": text}, loss_fn, cfg, g)
     ctx["lm"], ctx["text"] = model.eval().requires_grad_(False), text.eval().requires_grad_(False)
@@ -337,7 +345,7 @@ def stage_dit(args, ctx):
     def loss_fn(g=g):
         idx, specs, _ = batch(P, n, g)
         with torch.no_grad():
-            t = ctx["text"](ctx["text"].tokenize(captions(specs, g)))
+            t = text_features(ctx["text"], specs, g)
         return diffusion.fm_loss(model, P["lat"][idx], t, generator=g)
     fit("dit", args, {"model": model}, loss_fn, cfg, g)
     ctx["dit"] = model.eval().requires_grad_(False)
@@ -357,7 +365,7 @@ def stage_control(args, ctx):
         pool = P[25 if stream else 17]
         idx, specs, _ = batch(pool, n, g)
         with torch.no_grad():
-            t = ctx["text"](ctx["text"].tokenize(captions(specs, g)))
+            t = text_features(ctx["text"], specs, g)
         k = 1 if stream else 0  # window k: latent frames [2k, 2k+5), conditioned on window k's features
         x0 = pool["lat"][idx][:, :, 2 * k:2 * k + dit.cfg.frames]
         return diffusion.fm_loss(dit, x0, t, net, pool["rec"][idx][:, k], prefix=dit.cfg.prefix if stream else 0,
@@ -366,7 +374,7 @@ def stage_control(args, ctx):
     ctx["control"] = net.eval()
     with torch.no_grad():  # one fixed batch and noise: the branch's loss, and the base's alone
         idx, specs, _ = batch(P[17], n, gen(args, 106))
-        x0, t = P[17]["lat"][idx], ctx["text"](ctx["text"].tokenize(captions(specs, None, 0)))
+        x0, t = P[17]["lat"][idx], text_features(ctx["text"], specs, None, 0)
         val = diffusion.fm_loss(dit, x0, t, net, P[17]["rec"][idx][:, 0], generator=gen(args, 107))
         base = diffusion.fm_loss(dit, x0, t, generator=gen(args, 107))
     return f"validation flow-matching loss {val:.4f} (the base alone on the same clips and noise: {base:.4f})"
@@ -386,9 +394,8 @@ def evaluate(args, seeds=2, long_clips=10):
             video = sample.generate_video(p, captions(specs, None, 0), 17, v, seed=args.seed, steps=args.euler_steps,
                                           baseline=baseline)
             got = [judge_clip(x) for x in video.numpy()]
-            acc = {k: np.mean([j[k] == s[k] for j, s in zip(got, specs)]) for k in ("color", "shape", "direction")}
-            acc["all"] = np.mean([all(j[k] == s[k] for k in ("color", "shape", "direction")) for j, s in zip(got, specs)])
-            rows[(name, split)] = acc
+            rows[(name, split)] = {k: accuracy(got, specs, (k,)) for k in ("color", "shape", "direction")}
+            rows[(name, split)]["all"] = accuracy(got, specs)
             n = 5 if split == "seen" else 3  # clips of each split for the picture
             shown += [] if baseline else list(video[::len(video) // n][:n])
     specs = draw_clips(long_clips, gen(args, 9), 41, (0.5, 0.5), COMBOS)
@@ -401,7 +408,7 @@ def evaluate(args, seeds=2, long_clips=10):
         print(f"{name:<26}{split:<10}" + "".join(f"{a[k]:>{w}.0%}" for k, w in (("color", 8), ("shape", 8), ("direction", 10), ("all", 8))))
     cont = np.mean([j["continuous"] for j in longs])
     print(f"long 41-frame clips (streamed, motion 0.5): {cont:.0%} continuous, "
-          f"{np.mean([j['color'] == s['color'] and j['shape'] == s['shape'] for j, s in zip(longs, specs)]):.0%} on prompt")
+          f"{accuracy(longs, specs, ('color', 'shape')):.0%} on prompt")
     pictures(args, shown[:8], video[:4])
     return {f"{n} / {s}": a for (n, s), a in rows.items()} | {"long continuous": cont}
 
@@ -432,9 +439,13 @@ def _vae_process(args, threads):  # the side-by-side VAE: a fresh (spawned) proc
 
 def _diffusion_pools_process(args, threads):  # queued behind the VAE: both checkpoints exist by then
     torch.set_num_threads(threads)
-    p = sample.load_pipeline(args.out, stages=("vae", "tokenizer"))
-    ctx = dict(vae=p.vae, tok=p.tok, feats=tokenizer.FrozenPatchFeatures(p.tok.cfg))
-    return diffusion_pools(args, ctx)
+    return diffusion_pools(args, load_context(args.out, ("vae", "tokenizer")))
+
+
+def load_context(out, stages):
+    """Trained stages from their checkpoints, under the names the stage functions use."""
+    p = sample.load_pipeline(out, stages=stages)
+    return dict(vae=p.vae, tok=p.tok, feats=tokenizer.FrozenPatchFeatures(p.tok.cfg), lm=p.lm, text=p.text, dit=p.dit)
 
 
 def side_by_side(args, ctx, report):
@@ -452,8 +463,7 @@ def side_by_side(args, ctx, report):
         finally:
             torch.set_num_threads(threads)
         report.update(vae=job.result(), **{k: report.pop(k) for k in ("tokenizer", "lm")})  # (a failure there raises here)
-        ctx["diffusion pools"] = data.result()
-    ctx["vae"] = sample.load_pipeline(args.out, stages=("vae",)).vae
+        ctx["diffusion pools"] = data.result()  # the diffusion stages need no VAE: their latents are in here
 
 
 def main(argv=None):
@@ -464,16 +474,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=0, help="cap every stage at this many steps (quick looks, tests)")
     ap.add_argument("--eval-seeds", type=int, default=2, help="clips per seen combination (x2 per held-out one)")
-    ap.add_argument("--euler-steps", type=int, default=10,  # judged as accurate as 25 or 50 here, 2.5x faster
-                    help="denoising steps per clip in the evaluation (default 10)")
+    ap.add_argument("--euler-steps", type=int, default=10, help="denoising steps per eval clip (judged as 25, 50)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     t_start, ctx, report = time.time(), {}, {}
     todo = STAGE_NAMES if args.stage is None else [] if args.stage == "eval" else [args.stage]
     if todo and NEEDS[todo[0]]:  # one stage: load the stages it stands on
-        p = sample.load_pipeline(args.out, stages=NEEDS[todo[0]])
-        ctx.update(vae=p.vae, tok=p.tok, feats=tokenizer.FrozenPatchFeatures(p.tok.cfg), lm=p.lm, text=p.text, dit=p.dit)
+        ctx.update(load_context(args.out, NEEDS[todo[0]]))
     if todo == STAGE_NAMES:
         side_by_side(args, ctx, report)
         todo = todo[3:]
