@@ -5,8 +5,8 @@ glides left, right, up or down over 17 black 32x32 frames, captioned "a red circ
 three colour-shape pairs are never rendered for training. Every stage is trained in data-dependency
 order, as in the paper (arXiv 2503.04606 §3-4):
 
-    VAE -> data for the DiT     (one process)  ┐ side by side: they share nothing, and these
-    tokenizer -> LM + text enc. (another one)  ┘ small models gain little from a second thread
+    VAE -> latents of the training clips   (one process)  ┐ side by side, one core each: these small
+    tokenizer -> their tokens -> LM + text (another one)  ┘ models gain little from a second thread
     -> base DiT (text -> latents) -> ControlNet branch (base frozen; conditioned on the tokenizer's
        reconstruction of each clip's features, as the paper trains it)
 
@@ -114,20 +114,22 @@ OFFSETS, PALETTE = {s: _centroid_offset(s) for s in SHAPES}, np.array(list(COLOR
 
 def judge_frames(video):
     """uint8 (T, H, W, 3) -> per frame (colour, shape, cx, cy), or None where nothing is drawn."""
+    frames = video.astype(np.float64)
+    bright = frames.max(-1)  # (T, H, W): brightest channel
+    m = bright > bright.max((1, 2), keepdims=True) / 2  # the object: over half its peak brightness
+    n, g = m.sum((1, 2)).clip(1), np.arange(SIZE) + 0.5
+    cx, cy = (m * g).sum((1, 2)) / n, (m * g[:, None]).sum((1, 2)) / n  # (T,) centroids
+    ious = [(m & t).sum((1, 2)) / (m | t).sum((1, 2)) for t in  # each template with ITS centroid on the object's
+            (shape_mask(s, torch.from_numpy(cx - OFFSETS[s][0]), torch.from_numpy(cy - OFFSETS[s][1])).numpy() for s in SHAPES)]
     out = []
-    for frame in video.astype(np.float64):
-        bright = frame.max(-1)  # brightest channel
-        if bright.max() < 64:  # no palette colour is this dark: an empty frame
+    for i, frame in enumerate(frames):
+        if bright[i].max() < 64:  # no palette colour is this dark: an empty frame
             out.append(None)
             continue
-        m = bright > bright.max() / 2  # the object: over half its peak brightness
-        ys, xs = np.nonzero(m)
-        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-        top = frame[m][bright[m] >= np.median(bright[m])]  # its brightest pixels
+        b = bright[i][m[i]]
+        top = frame[m[i]][b >= np.median(b)]  # its brightest pixels
         color = list(COLORS)[np.argmin(((PALETTE - np.median(top, 0)) ** 2).sum(-1))]
-        ious = [(m & t).sum() / (m | t).sum() for t in  # each template with ITS centroid on the object's
-                (shape_mask(s, torch.tensor(cx - OFFSETS[s][0]), torch.tensor(cy - OFFSETS[s][1])).numpy() for s in SHAPES)]
-        out.append((color, SHAPES[int(np.argmax(ious))], cx, cy))
+        out.append((color, SHAPES[int(np.argmax([iou[i] for iou in ious]))], cx[i], cy[i]))
     return out
 
 
@@ -283,39 +285,61 @@ def segments(ctx, x):
     return torch.stack([f[:, k:k + cfg.frames] for k in range(0, f.shape[1] - cfg.frames + 1, stride)], 1)
 
 
+POOL = {17: (2000, V_RANGE), 25: (600, (0.5, 0.875)), 41: (300, (0.5, 0.525))}  # frames: clips, speeds (the
+# fastest that fit); the LM learns from all three, the diffusion stages from the 17- and 25-frame clips
+
+
+def pool_specs(args):
+    """The training clips of the LM and diffusion stages, as in the paper one set of videos for both."""
+    g = gen(args, 3)
+    return {f: draw_clips(n if not args.steps else min(8, n), g, f, speeds) for f, (n, speeds) in POOL.items()}
+
+
 @torch.no_grad()
-def make_pool(ctx, n, frames, speeds, g, what):
-    """Rendered training clips and what later stages learn from them: "ids", each window's token ids
-    (B, K * n_tokens) for the LM; "lat", VAE latents x scale, and "rec", the tokenizer's reconstruction
-    of each window (the ControlNet's condition, as in the paper), for the diffusion stages."""
-    specs, out = draw_clips(n, g, frames, speeds), {k: [] for k in what}
-    for i in range(0, n, 250):
+def encode(ctx, specs, what):
+    """Rendered training clips, 250 at a time -> "lat": VAE latents x scale (N, C, T_lat, h, w) for the
+    diffusion stages, or "ids": each streaming window's token ids (N, K * n_tokens), the LM's stream."""
+    out = []
+    for i in range(0, len(specs), 250):
         x = to_float(render(specs[i:i + 250]))
-        if "lat" in what:
-            out["lat"].append(ctx["vae"].encode(x)[0] * ctx["vae"].cfg.scale_factor)  # (b, C, T_lat, h, w)
-        if "ids" in what or "rec" in what:
-            seg = segments(ctx, x).flatten(0, 1)  # (b*K, frames, C, h, w)
-            ids = ctx["tok"].encode(seg)  # (b*K, n_tokens)
-            if "ids" in what:
-                out["ids"].append(ids.view(len(x), -1))  # (b, K * n_tokens): the LM's stream
-            if "rec" in what:
-                out["rec"].append(ctx["tok"].decode(ids).unflatten(0, (len(x), -1)))  # (b, K, frames, C, h, w)
-    return dict(specs=specs, **{k: torch.cat(v) for k, v in out.items()})
+        if what == "lat":
+            out.append(ctx["vae"].encode(x)[0] * ctx["vae"].cfg.scale_factor)  # (b, C, T_lat, h, w)
+        else:
+            out.append(ctx["tok"].encode(segments(ctx, x).flatten(0, 1)).view(len(x), -1))  # (b*K, n) -> (b, K*n)
+    return torch.cat(out)
 
 
-def pools(args, ctx, name, k, what, sizes):
-    """Pools of 17-frame clips and of longer streams (speeds: the fastest that fit 25 / 41 frames)."""
-    if name not in ctx:
-        t0, g, n = time.time(), gen(args, k), sizes if not args.steps else [min(8, s) for s in sizes]
-        speeds = {17: V_RANGE, 25: (0.5, 0.875), 41: (0.5, 0.525)}
-        ctx[name] = {f: make_pool(ctx, k, f, speeds[f], g, what) for f, k in zip((17, 25, 41), n) if k}
-        print(f"{name:>9}: {' + '.join(str(len(p['specs'])) for p in ctx[name].values())} clips of "
-              f"{'/'.join(map(str, ctx[name]))} frames encoded in {time.time() - t0:.1f}s")
-    return ctx[name]
+@torch.no_grad()
+def reconstruct(ctx, ids):
+    """Token ids (N, K * n_tokens) -> the tokenizer's reconstruction of each window (N, K, frames, C, h, w):
+    the ControlNet's condition, as the paper trains it (not the clip's own features)."""
+    n = ctx["tok"].cfg.n_tokens
+    return torch.cat([ctx["tok"].decode(b.reshape(-1, n)).unflatten(0, (len(b), -1)) for b in ids.split(250)])
+
+
+def lm_pools(args, ctx):  # the training clips and their token ids: needs the tokenizer only
+    if "lm pools" not in ctx:
+        t0 = time.time()
+        ctx["lm pools"] = {f: dict(specs=sp, ids=encode(ctx, sp, "ids")) for f, sp in pool_specs(args).items()}
+        print(f" lm pools: {' + '.join(str(len(p['specs'])) for p in ctx['lm pools'].values())} clips of "
+              f"17/25/41 frames tokenized in {time.time() - t0:.1f}s")
+    return ctx["lm pools"]
+
+
+def diffusion_pools(args, ctx, latents=None):
+    """The 17- and 25-frame training clips with their latents and reconstructed features. latents() ->
+    {frames: latents} (the full run waits for the VAE's process there); by default they are encoded here."""
+    if "diffusion pools" not in ctx:
+        t0, P = time.time(), lm_pools(args, ctx)
+        rec = {f: reconstruct(ctx, P[f]["ids"]) for f in (17, 25)}
+        lat = latents() if latents else {f: encode(ctx, P[f]["specs"], "lat") for f in (17, 25)}
+        ctx["diffusion pools"] = {f: dict(P[f], lat=lat[f], rec=rec[f]) for f in (17, 25)}
+        print(f"diffusion pools: latents and reconstructed features of the 17/25-frame clips in {time.time() - t0:.1f}s")
+    return ctx["diffusion pools"]
 
 
 def stage_lm(args, ctx):
-    P, cfg, g, (_, n, _) = pools(args, ctx, "lm pools", 3, ("ids",), (2000, 600, 300)), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
+    P, cfg, g, (_, n, _) = lm_pools(args, ctx), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
     words = lm.TextEncoder.build_vocab(TEMPLATES[k].format(color=c, shape=s, direction=d)
                                        for k in range(len(TEMPLATES)) for c, s, d in SPLITS["seen"])
     torch.manual_seed(args.seed + 4)
@@ -331,10 +355,6 @@ def stage_lm(args, ctx):
     with torch.no_grad():
         val = loss_fn(gen(args, 104), 17)
     return f"validation loss {val:.3f} per token (ln vocab = {np.log(cfg.vocab_size):.2f})"
-
-
-def diffusion_pools(args, ctx):
-    return pools(args, ctx, "diffusion pools", 4, ("lat", "rec"), (2000, 600, 0))
 
 
 def stage_dit(args, ctx):
@@ -437,33 +457,35 @@ def _vae_process(args, threads):  # the side-by-side VAE: a fresh (spawned) proc
     return run_stage("vae", args, {})
 
 
-def _diffusion_pools_process(args, threads):  # queued behind the VAE: both checkpoints exist by then
+def _latents_process(args, threads):  # queued behind the VAE: its checkpoint exists by then
     torch.set_num_threads(threads)
-    return diffusion_pools(args, load_context(args.out, ("vae", "tokenizer")))
+    ctx = load_context(args.out, ("vae",))
+    return {f: encode(ctx, sp, "lat") for f, sp in pool_specs(args).items() if f < 41}
 
 
 def load_context(out, stages):
     """Trained stages from their checkpoints, under the names the stage functions use."""
     p = sample.load_pipeline(out, stages=stages)
-    return dict(vae=p.vae, tok=p.tok, feats=tokenizer.FrozenPatchFeatures(p.tok.cfg), lm=p.lm, text=p.text, dit=p.dit)
+    feats = tokenizer.FrozenPatchFeatures(p.tok.cfg) if p.tok else None
+    return dict(vae=p.vae, tok=p.tok, feats=feats, lm=p.lm, text=p.text, dit=p.dit)
 
 
 def side_by_side(args, ctx, report):
-    """VAE, then the diffusion stages' data, in a second process; tokenizer then LM here; each on half
-    the cores. On 2 cores this is ~1.5x faster than one after the other: these small models run
-    barely faster on two threads than on one."""
+    """VAE, then the training clips' latents, in a second process; tokenizer, the clips' tokens, LM, then
+    the clips' reconstructed features here; each on half the cores. On 2 cores this is ~1.5x faster than
+    one after the other: these small models run barely faster on two threads than on one."""
     threads, half = torch.get_num_threads(), max(1, torch.get_num_threads() // 2)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         job = pool.submit(_vae_process, args, half)
         torch.set_num_threads(half)
         try:
             report["tokenizer"] = run_stage("tokenizer", args, ctx)
-            data = pool.submit(_diffusion_pools_process, args, half)  # one worker: runs once the VAE is done
+            lat = pool.submit(_latents_process, args, half)  # one worker: runs once the VAE is done
             report["lm"] = run_stage("lm", args, ctx)
+            diffusion_pools(args, ctx, lat.result)  # (a failure in the other process raises here)
         finally:
             torch.set_num_threads(threads)
-        report.update(vae=job.result(), **{k: report.pop(k) for k in ("tokenizer", "lm")})  # (a failure there raises here)
-        ctx["diffusion pools"] = data.result()  # the diffusion stages need no VAE: their latents are in here
+        report.update(vae=job.result(), **{k: report.pop(k) for k in ("tokenizer", "lm")})
 
 
 def main(argv=None):
