@@ -14,7 +14,7 @@ then judged: clips for every colour-shape-direction combination, seen and held o
 pipeline and from the base DiT alone (the paper's claim in miniature), plus long 41-frame clips
 streamed window by window.
 
-    python train_tiny.py                          # everything, 10-12 minutes on 2 CPU cores
+    python train_tiny.py                          # everything, about 10 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
     python train_tiny.py --stage eval             # judge the checkpoints in --out again
 """
@@ -163,10 +163,10 @@ def judge_clip(video, chunks=None):
 
 
 # ---------------------------------------------------------------------------- training loop, checkpoints
-# (steps, clips per batch, peak learning rate) per stage: ~10-12 minutes on 2 cores (README). DiT validation
+# (steps, clips per batch, peak learning rate) per stage: ~9.5 minutes on 2 cores (README). DiT validation
 # loss 0.105/0.073/0.063/0.072 at lr 2e-3/4e-3/8e-3/1.2e-2; FSQ codes collapse above ~2e-3 (tokenizer).
-PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(350, 32, 2e-3), dit=(700, 16, 8e-3),
-            control=(700, 16, 8e-3))
+PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(330, 32, 2e-3), dit=(650, 16, 8e-3),
+            control=(650, 16, 8e-3))
 STAGE_NAMES = list(PLAN)
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
 SAVE_EVERY = 30  # seconds between checkpoints of a running stage
@@ -496,7 +496,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=0, help="cap every stage at this many steps (quick looks, tests)")
     ap.add_argument("--eval-seeds", type=int, default=2, help="clips per seen combination (x2 per held-out one)")
-    ap.add_argument("--euler-steps", type=int, default=10, help="denoising steps per eval clip (judged as 25, 50)")
+    ap.add_argument("--euler-steps", type=int, default=6, help="denoising steps per eval clip (judged as 10, 25, 50)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
