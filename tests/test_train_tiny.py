@@ -1,6 +1,7 @@
 """train_tiny.py and its world: the generator keeps the ../shared/TOY_WORLD.md contract, the judge
 reads ground truth right, every stage runs end to end for a few steps, checkpoints load as
 weights-only files, and a resumed stage finishes exactly where an uninterrupted one does."""
+import argparse
 import json
 import os
 
@@ -80,6 +81,21 @@ def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
     assert p.vae.cfg.scale_factor != vae.PRESETS["tiny"].scale_factor  # the measured latent scale was kept
     log = capsys.readouterr().out
     assert "LanDiff: LM + ControlNet" in log and "base DiT alone" in log and "long 41-frame clips" in log
+    # the diffusion stages' data, built across two processes in the full run, belongs clip by clip to
+    # the LM's clips: latents from the VAE's process, ids and reconstructions from this one
+    args = argparse.Namespace(out=out, seed=0, steps=2)
+    lat, ctx = train_tiny._latents_process(args, 1), train_tiny.load_context(out, ("vae", "tokenizer"))
+    with torch.no_grad():  # 2 steps leave every code at the centre of the grid: spread them, or nothing is checked
+        ctx["tok"].encoder.to_code.weight.mul_(300)
+    P = train_tiny.diffusion_pools(args, ctx)
+    assert len({tuple(r.tolist()) for r in P[17]["ids"]}) == len(P[17]["ids"])  # every clip has its own tokens
+    for f in (17, 25):
+        x = train_tiny.to_float(render(P[f]["specs"][3:4]))  # one clip, on its own
+        ids = ctx["tok"].encode(train_tiny.segments(ctx, x).flatten(0, 1)).view(1, -1)
+        torch.testing.assert_close(lat[f][3:4], ctx["vae"].encode(x)[0] * ctx["vae"].cfg.scale_factor)
+        torch.testing.assert_close(P[f]["lat"], lat[f])
+        assert (P[f]["ids"][3:4] == ids).float().mean() > 0.9  # (a rounding at an FSQ level boundary may flip one)
+        torch.testing.assert_close(P[f]["rec"][3], ctx["tok"].decode(P[f]["ids"][3].view(-1, ctx["tok"].cfg.n_tokens)))
 
 
 def test_resume_after_an_interrupt_finishes_where_an_uninterrupted_run_does(tmp_path, monkeypatch, capsys):
