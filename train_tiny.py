@@ -317,6 +317,10 @@ def reconstruct(ctx, ids):
     return torch.cat([ctx["tok"].decode(b.reshape(-1, n)).unflatten(0, (len(b), -1)) for b in ids.split(250)])
 
 
+def clip_latents(ctx, specs):  # {frames: clips} -> {frames: latents} of the diffusion stages' 17/25-frame clips
+    return {f: encode(ctx, specs[f], "lat") for f in (17, 25)}
+
+
 def lm_pools(args, ctx):  # the training clips and their token ids: needs the tokenizer only
     if "lm pools" not in ctx:
         t0 = time.time()
@@ -332,7 +336,7 @@ def diffusion_pools(args, ctx, latents=None):
     if "diffusion pools" not in ctx:
         t0, P = time.time(), lm_pools(args, ctx)
         rec = {f: reconstruct(ctx, P[f]["ids"]) for f in (17, 25)}
-        lat = latents() if latents else {f: encode(ctx, P[f]["specs"], "lat") for f in (17, 25)}
+        lat = latents() if latents else clip_latents(ctx, {f: p["specs"] for f, p in P.items()})
         ctx["diffusion pools"] = {f: dict(P[f], lat=lat[f], rec=rec[f]) for f in (17, 25)}
         print(f"diffusion pools: latents and reconstructed features of the 17/25-frame clips in {time.time() - t0:.1f}s")
     return ctx["diffusion pools"]
@@ -459,8 +463,7 @@ def _vae_process(args, threads):  # the side-by-side VAE: a fresh (spawned) proc
 
 def _latents_process(args, threads):  # queued behind the VAE: its checkpoint exists by then
     torch.set_num_threads(threads)
-    ctx = load_context(args.out, ("vae",))
-    return {f: encode(ctx, sp, "lat") for f, sp in pool_specs(args).items() if f < 41}
+    return clip_latents(load_context(args.out, ("vae",)), pool_specs(args))
 
 
 def load_context(out, stages):
