@@ -167,8 +167,8 @@ def judge_clip(video, chunks=None):
 # loss 0.105/0.073/0.063/0.072 at lr 2e-3/4e-3/8e-3/1.2e-2; FSQ codes collapse above ~2e-3 (tokenizer).
 # The base DiT is where steps pay most: on one draw 650/1000/1150/1300 steps judged it 62/82/87/93%
 # (seen) and 44/77/81/85% (held out), and on a base that strong the branch needs few steps (README).
-PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(1150, 16, 8e-3),
-            control=(270, 16, 8e-3))
+PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(1100, 16, 8e-3),
+            control=(220, 16, 8e-3))
 STAGE_NAMES = list(PLAN)
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
 SAVE_EVERY = 30  # seconds between checkpoints of a running stage
