@@ -5,8 +5,8 @@ glides left, right, up or down over 17 black 32x32 frames, captioned "a red circ
 three colour-shape pairs are never rendered for training. Every stage is trained in data-dependency
 order, as in the paper (arXiv 2503.04606 §3-4):
 
-    VAE -> latents of the training clips   (one process)  ┐ side by side, one core each: these small
-    tokenizer -> their tokens -> LM + text (another one)  ┘ models gain little from a second thread
+    VAE -> latents of the training clips   (one process)  ┐ side by side, one core each: the VAE runs
+    tokenizer -> their tokens -> LM + text (another one)  ┘ only 1.4x faster on two threads than on one
     -> base DiT (text -> latents) -> ControlNet branch (base frozen; conditioned on the tokenizer's
        reconstruction of each clip's features, as the paper trains it)
 
@@ -478,7 +478,7 @@ def load_context(out, stages):
 def side_by_side(args, ctx, report):
     """VAE, then the training clips' latents, in a second process; tokenizer, the clips' tokens, LM, then
     the clips' reconstructed features here; each on half the cores. On 2 cores this is ~1.5x faster than
-    one after the other: these small models run barely faster on two threads than on one."""
+    one after the other: the VAE runs only 1.4x faster on two threads than on one (tokenizer, LM: 1.8x)."""
     threads, half = torch.get_num_threads(), max(1, torch.get_num_threads() // 2)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         job = pool.submit(_vae_process, args, half)
