@@ -158,7 +158,8 @@ def judge_clip(video, chunks=None):
     whole = len(seen) == len(fr)  # an object in every frame (else chunk indices would not line up)
     dirs = {direction(cxy[a:b]) for a, b in (chunks or [])} if whole else set()
     jump = np.sqrt(((cxy[1:] - cxy[:-1]) ** 2).sum(-1)).max()
-    return dict(color=max(set(cs), key=cs.count), shape=max(set(ss), key=ss.count), direction=direction(cxy),
+    # majority over frames; a tie goes to the earliest frame's (over a set, to Python's per-process string hash)
+    return dict(color=max(cs, key=cs.count), shape=max(ss, key=ss.count), direction=direction(cxy),
                 continuous=whole and len(set(cs)) == 1 and len(set(ss)) == 1 and len(dirs) <= 1 and jump <= 3)
 
 

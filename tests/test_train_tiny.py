@@ -54,6 +54,12 @@ def test_shape_definitions_and_the_judge_read_ground_truth():
         assert (j["color"], j["shape"], j["direction"]) == (s["color"], s["shape"], s["direction"])
     still = render([dict(specs[0], v=0.1)]).numpy()[0]  # 1.6 px of travel: under the 3 px bar
     assert judge_clip(still)["direction"] == "none"
+    # a tie between two shapes (8 frames each, 1 of a third) goes to the earlier one, in either order:
+    # the same verdict in every process, not one that follows Python's per-process string hashing
+    s = dict(specs[0], frames=17)
+    a, b, c = (render([dict(s, shape=x)]).numpy()[0] for x in ("square", "circle", "triangle"))
+    for first, second, name in ((a, b, "square"), (b, a, "circle")):
+        assert judge_clip(np.concatenate([first[:8], second[8:16], c[16:]]))["shape"] == name
 
 
 def test_long_clip_continuity_is_judged():
