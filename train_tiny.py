@@ -16,7 +16,7 @@ streamed window by window.
 
     python train_tiny.py                          # everything, about 10 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
-    python train_tiny.py --stage eval             # judge the checkpoints in --out again
+    python train_tiny.py --stage eval             # judge the checkpoints in --out again, with their --seed
 """
 import argparse
 import dataclasses
@@ -199,7 +199,7 @@ def fit(name, args, modules, loss_fn, cfg, g, finish=None):
         print(f"{name}: resuming at step {step}/{steps}")
 
     def save(done, n):
-        sample.save_checkpoint(path, stage=name, config=dataclasses.asdict(cfg), done=done, step=n,
+        sample.save_checkpoint(path, stage=name, config=dataclasses.asdict(cfg), done=done, step=n, seed=args.seed,
                                **{k: m.state_dict() for k, m in modules.items()}, optim=opt.state_dict(),
                                sched=sched.state_dict(), gen=g.get_state(), rng=torch.get_rng_state())
 
@@ -470,6 +470,11 @@ def _latents_process(args, threads):  # queued behind the VAE: its checkpoint ex
     return clip_latents(load_context(args.out, ("vae",)), pool_specs(args))
 
 
+def recorded_seed(out):  # the --seed that trained out's checkpoints (the first stage found), else 0
+    names = [n for n in STAGE_NAMES if os.path.exists(os.path.join(out, f"{n}.pt"))]
+    return int(sample.load_checkpoint(os.path.join(out, f"{names[0]}.pt"), names[0]).get("seed", 0)) if names else 0
+
+
 def load_context(out, stages):
     """Trained stages from their checkpoints, under the names the stage functions use."""
     p = sample.load_pipeline(out, stages=stages)
@@ -500,11 +505,13 @@ def main(argv=None):
     ap.add_argument("--out", default="out/tiny", help="checkpoint directory (default out/tiny)")
     ap.add_argument("--stage", choices=STAGE_NAMES + ["eval"], help="run one stage (earlier ones must exist)")
     ap.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, help="default 0; with --stage eval or --resume, the seed --out was trained with")
     ap.add_argument("--steps", type=int, default=0, help="cap every stage at this many steps (quick looks, tests)")
     ap.add_argument("--eval-seeds", type=int, default=2, help="clips per seen combination (x2 per held-out one)")
     ap.add_argument("--euler-steps", type=int, default=6, help="denoising steps per eval clip (judged as 10, 25, 50)")
     args = ap.parse_args(argv)
+    if args.seed is None:  # re-evaluating or resuming a --seed 1 run must not quietly switch to seed 0's noise
+        args.seed = recorded_seed(args.out) if args.stage == "eval" or args.resume else 0
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     t_start, ctx, report = time.time(), {}, {}

@@ -126,3 +126,11 @@ def test_resume_after_an_interrupt_finishes_where_an_uninterrupted_run_does(tmp_
     assert a["step"] == b["step"] == 6 and a["config"] == b["config"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # same data, same noise, same optimizer: same weights
+
+
+def test_checkpoints_remember_their_seed_for_eval_and_resume(tmp_path):
+    out = str(tmp_path / "s3")
+    assert train_tiny.recorded_seed(out) == 0  # nothing trained yet
+    train_tiny.main(["--out", out, "--stage", "tokenizer", "--steps", "1", "--seed", "3"])
+    assert torch.load(os.path.join(out, "tokenizer.pt"), weights_only=True)["seed"] == 3
+    assert train_tiny.recorded_seed(out) == 3  # what --stage eval and --resume use when --seed is not given
