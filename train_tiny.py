@@ -149,18 +149,23 @@ def accuracy(got, specs, keys=("color", "shape", "direction")):
 
 def judge_clip(video, chunks=None):
     """-> colour, shape (majority over frames), direction (fit over the clip) and, for long clips,
-    continuity: the same colour and shape throughout, one direction in every chunk, no jump > 3 px."""
+    continuity: the same colour and shape throughout, one direction in every chunk, no jump > 3 px;
+    `breaks` names the checks a clip fails, `speeds` is each chunk's fitted speed (px/frame)."""
     fr = judge_frames(video)
     seen = [x for x in fr if x is not None]
     if len(seen) < 2:
-        return dict(color=None, shape=None, direction=None, continuous=False)
+        return dict(color=None, shape=None, direction=None, continuous=False, breaks=["object lost"], speeds=[])
     cs, ss, cxy = [x[0] for x in seen], [x[1] for x in seen], np.array([x[2:] for x in seen])
     whole = len(seen) == len(fr)  # an object in every frame (else chunk indices would not line up)
-    dirs = {direction(cxy[a:b]) for a, b in (chunks or [])} if whole else set()
+    parts = [cxy[a:b] for a, b in (chunks or [])] if whole else []
     jump = np.sqrt(((cxy[1:] - cxy[:-1]) ** 2).sum(-1)).max()
+    breaks = [name for name, bad in (("object lost", not whole), ("colour changes", len(set(cs)) > 1),
+                                     ("shape changes", len(set(ss)) > 1), ("jump over 3 px", jump > 3),
+                                     ("a chunk stalls or turns", len({direction(c) for c in parts}) > 1)) if bad]
     # majority over frames; a tie goes to the earliest frame's (over a set, to Python's per-process string hash)
     return dict(color=max(cs, key=cs.count), shape=max(ss, key=ss.count), direction=direction(cxy),
-                continuous=whole and len(set(cs)) == 1 and len(set(ss)) == 1 and len(dirs) <= 1 and jump <= 3)
+                continuous=not breaks, breaks=breaks,
+                speeds=[np.abs(np.polyfit(np.arange(len(c)), c, 1)[0]).max() for c in parts])
 
 
 # ---------------------------------------------------------------------------- training loop, checkpoints
@@ -434,11 +439,15 @@ def evaluate(args, seeds=2, long_clips=10):
           f"{'model':<26}{'split':<10}{'colour':>8}{'shape':>8}{'direction':>10}{'all':>8}")
     for (name, split), a in rows.items():
         print(f"{name:<26}{split:<10}" + "".join(f"{a[k]:>{w}.0%}" for k, w in (("color", 8), ("shape", 8), ("direction", 10), ("all", 8))))
-    cont = np.mean([j["continuous"] for j in longs])
+    cont, breaks = np.mean([j["continuous"] for j in longs]), [b for j in longs for b in j["breaks"]]
+    speeds = np.mean([j["speeds"] for j in longs if j["speeds"]] or [[np.nan] * len(chunks)], 0)  # (chunks,)
     print(f"long 41-frame clips (streamed, motion 0.5): {cont:.0%} continuous, "
-          f"{accuracy(longs, specs, ('color', 'shape')):.0%} on prompt")
+          f"{accuracy(longs, specs, ('color', 'shape')):.0%} on prompt; speed per chunk "
+          f"{' / '.join(f'{x:.2f}' for x in speeds)} px/frame" + "".join(
+              f"\n  {b}: {breaks.count(b)} of {len(longs)}" for b in dict.fromkeys(breaks)))
     pictures(args, shown[:8], video[:4])
-    return {f"{n} / {s}": a for (n, s), a in rows.items()} | {"long continuous": cont}
+    return {f"{n} / {s}": a for (n, s), a in rows.items()} | {"long continuous": cont, "long speeds": list(speeds),
+                                                              "long breaks": {b: breaks.count(b) for b in breaks}}
 
 
 def pictures(args, clips, longs):

@@ -66,10 +66,15 @@ def test_long_clip_continuity_is_judged():
     s = draw_clips(1, torch.Generator().manual_seed(2), 41, (0.5, 0.5), COMBOS)
     clip = render(s).numpy()[0]
     chunks = [(0, 17), (16, 25), (24, 33), (32, 41)]
-    assert judge_clip(clip, chunks)["continuous"]
+    j = judge_clip(clip, chunks)
+    assert j["continuous"] and j["breaks"] == [] and np.allclose(j["speeds"], 0.5, atol=0.02)
     jumped = clip.copy()
     jumped[25:] = render([dict(s[0], start=[13.0, 13.0])]).numpy()[0][25:]  # the object jumps at a chunk seam
-    assert not judge_clip(jumped, chunks)["continuous"]
+    assert not judge_clip(jumped, chunks)["continuous"] and "jump over 3 px" in judge_clip(jumped, chunks)["breaks"]
+    stalled = clip.copy()
+    stalled[33:] = clip[32]  # the object stops for the last chunk (as generated ones do at the frame's edge)
+    j = judge_clip(stalled, chunks)
+    assert j["breaks"] == ["a chunk stalls or turns"] and j["speeds"][3] < 1e-9 and j["direction"] == s[0]["direction"]
 
 
 def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
