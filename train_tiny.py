@@ -169,10 +169,8 @@ def judge_clip(video, chunks=None):
 
 
 # ---------------------------------------------------------------------------- training loop, checkpoints
-# (steps, clips per batch, peak learning rate) per stage: ~10 minutes on 2 cores (README). DiT validation
-# loss 0.105/0.073/0.063/0.072 at lr 2e-3/4e-3/8e-3/1.2e-2; FSQ codes collapse above ~2e-3 (tokenizer).
-# The base DiT is where steps pay most: on one draw 650/1000/1150/1300 steps judged it 62/82/87/93%
-# (seen) and 44/77/81/85% (held out), and on a base that strong the branch needs few steps (README).
+# (steps, clips per batch, peak learning rate) per stage: ~10 minutes on 2 cores. How they were chosen
+# (DiT lr 8e-3; FSQ codes collapse above ~2e-3; DiT steps pay most; the LM would need ~5x for `motion`): README.
 PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(1100, 16, 8e-3),
             control=(220, 16, 8e-3))
 STAGE_NAMES = list(PLAN)
@@ -339,6 +337,15 @@ def lm_pools(args, ctx):  # the training clips and their token ids: needs the to
     return ctx["lm pools"]
 
 
+@torch.no_grad()
+def unseen(args, ctx, latents=False):  # 64 fresh 17-frame clips in no training pool: the validation losses'
+    specs = draw_clips(64, gen(args, 108))
+    pool = dict(specs=specs, ids=encode(ctx, specs, "ids"))
+    if latents and ctx.get("vae") is None:  # a full run trained the VAE in its other process
+        ctx["vae"] = load_context(args.out, ("vae",))["vae"]
+    return pool | (dict(lat=encode(ctx, specs, "lat"), rec=reconstruct(ctx, pool["ids"])) if latents else {})
+
+
 def diffusion_pools(args, ctx, latents=None):
     """The 17- and 25-frame training clips with their latents and reconstructed features. latents() ->
     {frames: latents} (the full run waits for the VAE's process there); by default they are encoded here."""
@@ -358,7 +365,7 @@ def stage_lm(args, ctx):
     torch.manual_seed(args.seed + 4)
     model, text = lm.SemanticLM(cfg), lm.TextEncoder(cfg, words)
 
-    def loss_fn(g=g, frames=None):  # 1-segment clips, with 2- and 4-segment streams now and then
+    def loss_fn(g=g, frames=None, P=P):  # 1-segment clips, with 2- and 4-segment streams now and then
         frames = frames or (17, 17, 17, 17, 17, 17, 25, 41)[torch.randint(8, (), generator=g)]
         idx, specs, v = batch(P[frames], n if frames == 17 else n // 2, g)
         t = text_features(text, specs, g)
@@ -366,7 +373,7 @@ def stage_lm(args, ctx):
     fit("lm", args, {"model": model, "text": text}, loss_fn, cfg, g)
     ctx["lm"], ctx["text"] = model.eval().requires_grad_(False), text.eval().requires_grad_(False)
     with torch.no_grad():
-        val = loss_fn(gen(args, 104), 17)
+        val = loss_fn(gen(args, 104), 17, {17: unseen(args, ctx)})
     return f"validation loss {val:.3f} per token (ln vocab = {np.log(cfg.vocab_size):.2f})"
 
 
@@ -375,7 +382,7 @@ def stage_dit(args, ctx):
     torch.manual_seed(args.seed + 5)
     model = diffusion.DiT(cfg)
 
-    def loss_fn(g=g):
+    def loss_fn(g=g, P=P):
         idx, specs, _ = batch(P, n, g)
         with torch.no_grad():
             t = text_features(ctx["text"], specs, g)
@@ -383,7 +390,7 @@ def stage_dit(args, ctx):
     fit("dit", args, {"model": model}, loss_fn, cfg, g)
     ctx["dit"] = model.eval().requires_grad_(False)
     with torch.no_grad():
-        val = loss_fn(gen(args, 105))
+        val = loss_fn(gen(args, 105), unseen(args, ctx, latents=True))
     return f"validation flow-matching loss {val:.4f}"
 
 
@@ -405,10 +412,11 @@ def stage_control(args, ctx):
                                  generator=g)
     fit("control", args, {"model": net}, loss_fn, dit.cfg, g)
     ctx["control"] = net.eval()
-    with torch.no_grad():  # one fixed batch and noise: the branch's loss, and the base's alone
-        idx, specs, _ = batch(P[17], n, gen(args, 106))
-        x0, t = P[17]["lat"][idx], text_features(ctx["text"], specs, None, 0)
-        val = diffusion.fm_loss(dit, x0, t, net, P[17]["rec"][idx][:, 0], generator=gen(args, 107))
+    with torch.no_grad():  # one fixed batch of unseen clips and noise: the branch's loss, and the base's alone
+        U = unseen(args, ctx, latents=True)
+        idx, specs, _ = batch(U, n, gen(args, 106))
+        x0, t = U["lat"][idx], text_features(ctx["text"], specs, None, 0)
+        val = diffusion.fm_loss(dit, x0, t, net, U["rec"][idx][:, 0], generator=gen(args, 107))
         base = diffusion.fm_loss(dit, x0, t, generator=gen(args, 107))
     return f"validation flow-matching loss {val:.4f} (the base alone on the same clips and noise: {base:.4f})"
 
