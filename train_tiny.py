@@ -339,7 +339,7 @@ def lm_pools(args, ctx):  # the training clips and their token ids: needs the to
 
 @torch.no_grad()
 def unseen(args, ctx, latents=False):  # 64 fresh 17-frame clips in no training pool: the validation losses'
-    specs = draw_clips(64, gen(args, 108))
+    specs = draw_clips(8 if args.steps else 64, gen(args, 108))  # (--steps: a quick look, like pool_specs)
     pool = dict(specs=specs, ids=encode(ctx, specs, "ids"))
     if latents and ctx.get("vae") is None:  # a full run trained the VAE in its other process
         ctx["vae"] = load_context(args.out, ("vae",))["vae"]
