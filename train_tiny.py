@@ -339,11 +339,15 @@ def lm_pools(args, ctx):  # the training clips and their token ids: needs the to
 
 @torch.no_grad()
 def unseen(args, ctx, latents=False):  # 64 fresh 17-frame clips in no training pool: the validation losses'
+    if latents and "unseen" in ctx:  # the DiT's and the branch's: encoded once
+        return ctx["unseen"]
     specs = draw_clips(8 if args.steps else 64, gen(args, 108))  # (--steps: a quick look, like pool_specs)
     pool = dict(specs=specs, ids=encode(ctx, specs, "ids"))
     if latents and ctx.get("vae") is None:  # a full run trained the VAE in its other process
         ctx["vae"] = load_context(args.out, ("vae",))["vae"]
-    return pool | (dict(lat=encode(ctx, specs, "lat"), rec=reconstruct(ctx, pool["ids"])) if latents else {})
+    if latents:
+        ctx["unseen"] = pool = pool | dict(lat=encode(ctx, specs, "lat"), rec=reconstruct(ctx, pool["ids"]))
+    return pool
 
 
 def diffusion_pools(args, ctx, latents=None):

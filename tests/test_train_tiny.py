@@ -70,7 +70,8 @@ def test_long_clip_continuity_is_judged():
     assert j["continuous"] and j["breaks"] == [] and np.allclose(j["speeds"], 0.5, atol=0.02)
     jumped = clip.copy()
     jumped[25:] = render([dict(s[0], start=[13.0, 13.0])]).numpy()[0][25:]  # the object jumps at a chunk seam
-    assert not judge_clip(jumped, chunks)["continuous"] and "jump over 3 px" in judge_clip(jumped, chunks)["breaks"]
+    j = judge_clip(jumped, chunks)
+    assert not j["continuous"] and "jump over 3 px" in j["breaks"]
     stalled = clip.copy()
     stalled[33:] = clip[32]  # the object stops for the last chunk (as generated ones do at the frame's edge)
     j = judge_clip(stalled, chunks)
