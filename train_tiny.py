@@ -169,10 +169,11 @@ def judge_clip(video, chunks=None):
 
 
 # ---------------------------------------------------------------------------- training loop, checkpoints
-# (steps, clips per batch, peak learning rate) per stage: ~10 minutes on 2 cores. How they were chosen
-# (DiT lr 8e-3; FSQ codes collapse above ~2e-3; DiT steps pay most; the LM would need ~5x for `motion`): README.
-PLAN = dict(vae=(800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(1100, 16, 8e-3),
-            control=(220, 16, 8e-3))
+# (steps, clips per batch, peak learning rate) per stage: ~8 minutes on 2 cores. How they were chosen
+# (VAE: at 800 steps some draws lose colour; DiT steps pay most, at lr 8e-3; FSQ codes collapse above
+# ~2e-3; the LM would need ~5x for `motion`): README.
+PLAN = dict(vae=(1200, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(2000, 16, 8e-3),
+            control=(400, 16, 8e-3))
 STAGE_NAMES = list(PLAN)
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
 SAVE_EVERY = 30  # seconds between checkpoints of a running stage
