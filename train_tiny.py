@@ -14,7 +14,7 @@ then judged: clips for every colour-shape-direction combination, seen and held o
 pipeline and from the base DiT alone (the paper's claim in miniature), plus long 41-frame clips
 streamed window by window.
 
-    python train_tiny.py                          # everything, about 10 minutes on 2 CPU cores
+    python train_tiny.py                          # everything, about 8 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
     python train_tiny.py --stage eval             # judge the checkpoints in --out again, with their --seed
 """
