@@ -153,7 +153,7 @@ def n_windows(p, frames):
 
 
 @torch.no_grad()
-def generate_video(p, prompts, frames=17, motion=1.0, seed=0, cfg_lm=3.0, cfg_dit=3.0, steps=25,
+def generate_video(p, prompts, frames=17, motion=1.0, seed=0, cfg_lm=3.0, cfg_dit=2.0, steps=25,
                    temperature=1.0, top_k=None, baseline=False, progress=None, log=None):
     """prompts (B,) -> uint8 video (B, T, H, W, 3). baseline=True skips the LM and ControlNet:
     the base DiT alone from text (the paper's comparison). Each stage's output is checked for
@@ -280,7 +280,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, help="RGB frames: one window (17 tiny, 49 full) + k streamed chunks")
     ap.add_argument("--motion-score", type=float, default=1.0, help="the LM's motion micro-condition")
     ap.add_argument("--cfg-lm", type=float, default=3.0, help="classifier-free guidance scale of the LM")
-    ap.add_argument("--cfg-dit", type=float, default=3.0, help="guidance scale of the DiT (tiny: 3 beat 2 and 4)")
+    ap.add_argument("--cfg-dit", type=float, default=2.0, help="guidance scale of the DiT (tiny: 2 beat 1.5, 3 and 4)")
     ap.add_argument("--steps", type=int, default=25, help="Euler steps per diffusion window")
     ap.add_argument("--temperature", type=float, default=1.0, help="LM sampling temperature (0: greedy)")
     ap.add_argument("--top-k", type=int, help="LM: sample among the k likeliest codes")
