@@ -14,7 +14,7 @@ then judged: clips for every colour-shape-direction combination, seen and held o
 pipeline and from the base DiT alone (the paper's claim in miniature), plus long 41-frame clips
 streamed window by window.
 
-    python train_tiny.py                          # everything, about 8 minutes on 2 CPU cores
+    python train_tiny.py                          # everything, 6 to 9 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
     python train_tiny.py --stage eval             # judge the checkpoints in --out again, with their --seed
 """
@@ -169,7 +169,7 @@ def judge_clip(video, chunks=None):
 
 
 # ---------------------------------------------------------------------------- training loop, checkpoints
-# (steps, clips per batch, peak learning rate) per stage: ~8 minutes on 2 cores. How they were chosen
+# (steps, clips per batch, peak learning rate) per stage: 6-9 minutes on 2 cores. How they were chosen
 # (VAE: at 800 steps some draws lose colour; DiT steps pay most, at lr 8e-3; FSQ codes collapse above
 # ~2e-3; the LM would need ~5x for `motion`): README.
 PLAN = dict(vae=(1200, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(2000, 16, 8e-3),
