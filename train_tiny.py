@@ -340,15 +340,13 @@ def lm_pools(args, ctx):  # the training clips and their token ids: needs the to
 
 @torch.no_grad()
 def unseen(args, ctx, latents=False):  # 64 fresh 17-frame clips in no training pool: the validation losses'
-    if latents and "unseen" in ctx:  # the DiT's and the branch's: encoded once
-        return ctx["unseen"]
-    specs = draw_clips(8 if args.steps else 64, gen(args, 108))  # (--steps: a quick look, like pool_specs)
-    pool = dict(specs=specs, ids=encode(ctx, specs, "ids"))
-    if latents and ctx.get("vae") is None:  # a full run trained the VAE in its other process
-        ctx["vae"] = load_context(args.out, ("vae",))["vae"]
-    if latents:
-        ctx["unseen"] = pool = pool | dict(lat=encode(ctx, specs, "lat"), rec=reconstruct(ctx, pool["ids"]))
-    return pool
+    if "unseen" not in ctx:  # clips, encoded once per run (--steps: 8, a quick look, like pool_specs)
+        specs = draw_clips(8 if args.steps else 64, gen(args, 108))
+        ctx["unseen"] = dict(specs=specs, ids=encode(ctx, specs, "ids"))
+    U = ctx["unseen"]
+    if latents and "lat" not in U:  # the DiT's and the branch's also need their latents and features
+        U.update(lat=encode(ctx, U["specs"], "lat"), rec=reconstruct(ctx, U["ids"]))
+    return U
 
 
 def diffusion_pools(args, ctx, latents=None):
@@ -520,6 +518,7 @@ def side_by_side(args, ctx, report):
         finally:
             torch.set_num_threads(threads)
         report.update(vae=job.result(), **{k: report.pop(k) for k in ("tokenizer", "lm")})
+    ctx["vae"] = load_context(args.out, ("vae",))["vae"]  # trained in the other process; validation encodes with it
 
 
 def main(argv=None):
