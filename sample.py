@@ -289,9 +289,12 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="meta device only: parameters, shapes, memory estimate")
     a = ap.parse_args(argv)
     try:
-        if a.dry_run:  # its own file: meta-device tracing has nothing to teach about sampling
-            from dry_run import dry_run
-            return dry_run(a.preset, a.frames)
+        if a.dry_run:  # tools/dry_run.py: meta-device tracing has nothing to teach about sampling
+            from tools.dry_run import dry_run
+            with torch.device("meta"):
+                p = random_pipeline(a.preset)
+            frames = a.frames or 1 + (p.dit.cfg.frames - 1) * p.vae.cfg.temporal_factor
+            return dry_run(p, a.preset, frames, n_windows(p, frames))
         return run(a)
     except (ValueError, FloatingPointError, OSError) as e:  # the stages' messages already say what is allowed
         raise SystemExit(f"error: {e}") from None

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bench
+from tools import bench
 
 
 @pytest.fixture(autouse=True)

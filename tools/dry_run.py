@@ -1,6 +1,6 @@
-"""dry_run.py: the full LanDiff pipeline's size on any machine, without allocating it.
+"""tools/dry_run.py: the full LanDiff pipeline's size on any machine, without allocating it.
 
-    python sample.py --preset full --dry-run      # or: python dry_run.py [--preset tiny] [--frames 73]
+    python sample.py --preset full --dry-run      # [--frames 73] for a streamed clip; --preset tiny too
 
 Every stage is built on PyTorch's meta device (tensors with shapes and dtypes, no storage, no
 arithmetic) and called once the way sample.py calls it; a TorchDispatchMode sees every tensor the
@@ -9,7 +9,6 @@ then a bf16 peak-memory estimate (resident weights + the largest activation, a l
 without sample.py's stage offload. Attention is replaced by its output shape: fused SDPA kernels
 never build the (N, N) score matrix that the meta device would otherwise trace.
 """
-import argparse
 from unittest import mock
 
 import torch
@@ -17,13 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffusion
 import lm
-import sample
 import tokenizer
 
 
-def dry_run(preset, frames=None):
-    """Build every stage on the meta device (shapes only: no memory, no arithmetic), run one call of
-    each, and print parameters, tensor shapes and a bf16 peak-memory estimate. -> {stage: parameters}."""
+def dry_run(p, preset, frames, K):
+    """p: every stage built on the meta device (sample.random_pipeline under torch.device("meta"): shapes
+    only, no memory, no arithmetic); a `frames`-frame clip takes K diffusion windows. Runs one call of
+    each stage and prints parameters, tensor shapes and a bf16 peak-memory estimate. -> {stage: parameters}.
+    The caller builds the pipeline, so this file needs no import of sample.py (no import circle)."""
     class Largest(TorchDispatchMode):  # sees every op a stage runs and keeps the largest tensor made
         nbytes, shape = 0, ()
 
@@ -34,13 +34,10 @@ def dry_run(preset, frames=None):
                     self.nbytes, self.shape = t.nbytes, tuple(t.shape)
             return out
 
-    with torch.device("meta"):
-        p = sample.random_pipeline(preset)
     for m in p.modules():
         m.to(torch.bfloat16)
     d, l, t, v = p.dit.cfg, p.lm.cfg, p.tok.cfg, p.vae.cfg
-    frames = frames or 1 + (d.frames - 1) * v.temporal_factor
-    K, n_sem = sample.n_windows(p, frames), 1 + (frames - 1) // v.temporal_factor
+    n_sem = 1 + (frames - 1) // v.temporal_factor
     e = lambda *s, dtype=torch.bfloat16: torch.empty(*s, device="meta", dtype=dtype)  # noqa: E731
     x, tt, txt = e(2, d.latent_ch, d.frames, d.lat_h, d.lat_w), e(2), e(2, d.text_len, d.text_dim)  # CFG: 2 rows
     P, S = 4 + d.text_len, len(lm.token_layout(l, K)) - 1  # the LM's prefix and its sampling steps
@@ -84,10 +81,3 @@ def dry_run(preset, frames=None):
           f"  no offload (all weights resident): {size(w_all + act)} = {size(w_all)} + {size(act)}")
     return params
 
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=["tiny", "full"], default="full")
-    ap.add_argument("--frames", type=int, help="RGB frames (default: one window)")
-    a = ap.parse_args()
-    dry_run(a.preset, a.frames)

@@ -12,7 +12,7 @@ shows medians per call. A fast call is looped within a repeat until the repeat l
     dit         diffusion.DiT forward         diffusers CogVideoXTransformer3DModel     output <= 1e-4
     vae         vae.VAE encode + decode       diffusers AutoencoderKLCogVideoX          latents and frames <= 1e-4
     sample      sample.generate_video         -  (one 17-frame tiny clip, wall time)
-    train_tiny  python train_tiny.py          -  (out/tiny/report.json; `--only train_tiny` runs it, ~8 min)
+    train_tiny  python train_tiny.py          -  (out/tiny/report.json; `python tools/bench.py --only train_tiny` runs it, ~8 min)
 
 How parity is matched, row by row:
 - fsq: nothing to map (both are the paper's FSQ with the peer's default options); bit for bit.
@@ -35,10 +35,10 @@ ratio = peer time / our time: > 1 means we are faster. Parity is the largest abs
 of the outputs; a row whose parity exceeds 1e-4 (or whose tokens/codes differ) says FAIL and the
 exit status is 1. A missing peer package skips the comparison (one line), never the row.
 
-    pip install -r requirements-bench.txt          # the peers, pinned; torch comes from requirements.txt
-    python bench.py                                # every row (train_tiny read from its report)
-    python bench.py --only lm --threads 2 --repeats 5
-    python bench.py --only fsq,dit --quick         # small sizes, seconds: does the bench itself work?
+    pip install -r tools/requirements-bench.txt          # the peers, pinned; torch comes from requirements.txt
+    python tools/bench.py                                # every row (train_tiny read from its report)
+    python tools/bench.py --only lm --threads 2 --repeats 5
+    python tools/bench.py --only fsq,dit --quick         # small sizes, seconds: does the bench itself work?
 """
 import argparse
 import copy
@@ -59,7 +59,9 @@ import types
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as `python tools/bench.py`: import the stages
+
+import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -69,10 +71,10 @@ import sample
 import tokenizer
 import vae
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root: the stage files live there
 ROWS = ("fsq", "lm", "dit", "vae", "sample", "train_tiny")
 PEERS = ("transformers", "diffusers", "vector-quantize-pytorch", "accelerate")  # requirements-bench.txt
-SKIP = "skipped: pip install -r requirements-bench.txt"
+SKIP = "skipped: pip install -r tools/requirements-bench.txt"
 TOL = 1e-4
 
 # The issue's CPU-sized configurations, and --quick ones (seconds: a smoke test of the bench itself).
@@ -407,14 +409,14 @@ def bench_train_tiny(a, run, root=ROOT):
             row.ok, row.parity = False, f"FAIL: exit status {rc}"
             return [row]
     if not report.exists():
-        row.notes.append(f"no {report.relative_to(root)}: `python bench.py --only train_tiny` runs it (~8 min)")
+        row.notes.append(f"no {report.relative_to(root)}: `python tools/bench.py --only train_tiny` runs it (~8 min)")
         return [row]
     rep = json.loads(report.read_text())
     stages = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in rep.items() if isinstance(v, dict) and "seconds" in v)
     when = datetime.datetime.fromtimestamp(report.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
     if not run:
         row.ours = rep.get("total_seconds")
-        row.notes.append(f"from {report.relative_to(root)} written {when} (not re-run; `--only train_tiny` runs it)")
+        row.notes.append(f"from {report.relative_to(root)} written {when} (not re-run; `python tools/bench.py --only train_tiny` runs it)")
     row.notes.append(f"per stage: {stages}; total in the report {rep.get('total_seconds', '?')} s")
     return [row]
 
