@@ -76,7 +76,7 @@ class VAEConfig:
     scale_factor: float = 1.0
     # the decoder's output bias at init (None: PyTorch's default, as the release); tiny: -1, the toy
     # world's black background (VAE.initialize_weights says why)
-    out_bias: float = -1.0
+    out_bias: float | None = -1.0
 
     def __post_init__(self):  # checked here, not under "checks": PRESETS below are built at import
         levels = len(self.ch_mult) - 1
@@ -310,7 +310,7 @@ class VAE(nn.Module):
 
     def initialize_weights(self):
         # Every layer keeps the default init its constructor gave it, as the release: PyTorch's
-        # Kaiming-uniform convs, GroupNorm weight 1 and bias 0. Nothing is zero-inited.
+        # Kaiming-uniform conv weights and uniform biases, GroupNorm weight 1 and bias 0. Nothing is zero-inited.
         # The decoder's output bias starts at cfg.out_bias when set. Tiny: -1, black, the toy world's
         # background, which covers ~93% of the pixels (docs/DESIGN.md §7). From a bias near 0 the first
         # thing plain MSE learns is that background, while objects stay grey; starting the output at the
@@ -340,7 +340,7 @@ class VAE(nn.Module):
         cache = {}  # each causal conv's last two input frames, carried from chunk to chunk
         chunks = []
         for start, end in zip(starts, ends):
-            chunks.append(self.decoder(z[:, :, start:end], start == 0, cache))  # (B, 3, 1 or 4n, H, W)
+            chunks.append(self.decoder(z[:, :, start:end], start == 0, cache))  # RGB frames of latents start..end-1
         return torch.cat(chunks, dim=2)  # (B, 3, T, H, W)
 
 
@@ -393,15 +393,15 @@ if __name__ == "__main__":
     x = torch.rand(1, 3, 17, 32, 32) * 2 - 1
     with torch.no_grad():
         mean, logvar = vae.encode(x)
-        y = vae.decode(mean)
-        y2 = vae.decode(mean, chunk=2)
+        whole = vae.decode(mean)
+        chunked = vae.decode(mean, chunk=2)
         times = []
         for _ in range(7):
             t0 = time.perf_counter()
             vae.decode(vae.encode(x)[0])
             times.append(time.perf_counter() - t0)
-    print(f"video {tuple(x.shape)} -> mean/logvar {tuple(mean.shape)} -> video {tuple(y.shape)}")
-    print(f"chunked (2 latent frames per step) vs whole decode: max |diff| {(y - y2).abs().max():.1e}")
+    print(f"video {tuple(x.shape)} -> mean/logvar {tuple(mean.shape)} -> video {tuple(whole.shape)}")
+    print(f"chunked (2 latent frames per step) vs whole decode: max |diff| {(whole - chunked).abs().max():.1e}")
     print(f"tiny encode+decode of {tuple(x.shape)}: {sorted(times)[3] * 1e3:.1f} ms (median of 7)")
     with torch.device("meta"):
         full = VAE(PRESETS["full"])
