@@ -274,12 +274,13 @@ def stage_tokenizer(args, ctx):
     cfg, g, (_, n, _) = tokenizer.PRESETS["tiny"], gen(args, 2), PLAN["tokenizer"]
     torch.manual_seed(args.seed + 2)
     model, feats = tokenizer.SemanticTokenizer(cfg), tokenizer.FrozenPatchFeatures(cfg)
-    loss_fn = lambda: tokenizer.tokenizer_loss(model, feats(to_float(render(draw_clips(n, g)))))[0]  # noqa: E731
+    loss_fn = lambda: tokenizer.tokenizer_loss(model, feats(to_float(render(draw_clips(n, g)))))  # noqa: E731
     fit("tokenizer", args, {"model": model}, loss_fn, cfg, g)
     ctx["tok"], ctx["feats"] = model.eval().requires_grad_(False), feats
     with torch.no_grad():
         f = feats(to_float(render(draw_clips(256, gen(args, 102)))))
-        loss, ids = tokenizer.tokenizer_loss(model, f)
+        loss = tokenizer.tokenizer_loss(model, f)
+        ids = model.encode(f)
     used, ppl = tokenizer.codebook_usage(ids, cfg.codebook_size)
     return f"feature MSE {loss:.4f} (feature variance {f.var():.4f}), codes used {used:.0%}, perplexity {ppl:.0f}"
 
