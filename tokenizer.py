@@ -9,17 +9,23 @@ position from the ids. Both attention masks are frame-causal, so frame f's featu
 only on groups ≤ f: an LM can write the video group by group and the decoder can decode any
 prefix of groups, which is what lets long videos stream.
 
+"Group", as this file (and lm.py) uses the word. In the paper a frame group is a run of frames
+that share one set of query tokens. Here every semantic frame has its own set, so a group is
+one semantic frame's queries, and the tokens they become: group 0 is the n_i I-queries of
+semantic frame 0, group k ≥ 1 the n_p P-queries of semantic frame k (RGB frame 4k, aligned with
+VAE latent frame k). "Groups ≤ f" are the first n_i + f·n_p tokens of a segment.
+
     video (B,3,T_rgb,H,W) -FrozenPatchFeatures-> feats (B,T,C,h,w) -Encoder-> z (B,N,D)
         -FSQ-> ids (B,N) -FSQ.indices_to_codes-> codes (B,N,D) -Decoder-> feats (B,T,C,h,w)
 
-Shapes: B batch; T semantic frames (13 full, 5 tiny); C feature channels (768 / 64); h×w the
-feature grid (30×45 / 8×8); N tokens (1,218 / 32); D = len(levels) FSQ channels (4); W width;
+Shapes: B batch; T semantic frames (13 full, 5 tiny); C feature channels (768 / 192); h×w the
+feature grid (30×45 / 4×4); N tokens (1,218 / 32); D = len(levels) FSQ channels (4); W width;
 H heads; S = T·h·w + N the transformer's sequence (frame tokens or mask tokens, then queries).
 
 References: LanDiff, Yin et al. 2025 (arXiv 2503.04606); TiTok, 1D tokenization with learned
 queries, mask tokens, ln_pre/ln_post and the tanh head (arXiv 2406.07550); FSQ, Mentzer et al.
 (arXiv 2309.15505) and vector-quantize-pytorch's FSQ; RoFormer (arXiv 2104.09864); Theia
-(arXiv 2407.20179), the release's frozen feature network.
+(arXiv 2407.20179), the release's frozen feature network. Every number: docs/DESIGN.md §3 and §7.
 
 Deliberately different from the release:
 - FSQ, levels (8,8,8,4) = 2,048 codes, instead of a 2,048 × 16-d VQ with EMA, k-means init and
@@ -40,6 +46,71 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass
+class TokenizerConfig:
+    # semantic features in: `frames` frames of (feat_dim, feat_h, feat_w) per segment. Tiny: one 192-d
+    # vector per 8×8 patch (3·8² values, as Theia's ViT-B/16 gives 768 = 3·16² per 16×16 patch), a grid
+    # at half the VAE latent's resolution, as at full size (30×45 features, 60×90 latents)
+    feat_dim: int = 192
+    frames: int = 5  # semantic frames per segment (full: 13 = RGB frames 0, 4, ..., 48)
+    feat_h: int = 4
+    feat_w: int = 4
+    # encoder and decoder: pre-LN transformers of the same width, heads and MLP
+    width: int = 128
+    enc_depth: int = 2
+    dec_depth: int = 2
+    heads: int = 4
+    mlp: int = 512
+    # the token layout and the vocabulary
+    n_i: int = 16  # I-frame queries (group 0)
+    n_p: int = 4  # P-frame queries per later frame (groups 1..frames-1)
+    levels: tuple = (8, 5, 5, 5)  # FSQ levels per channel: 8·5·5·5 = 1,000 codes
+    rope_split: tuple = (4, 6, 6)  # rotary pairs for (time, rows, cols); sums to head_dim / 2
+    attn_impl: str = "sdpa"  # "sdpa" | "manual"
+    # feature source (FrozenPatchFeatures): RGB size, patch size, RGB frames per semantic frame
+    image_h: int = 32
+    image_w: int = 32
+    patch: int = 8
+    time_stride: int = 4
+    feat_seed: int = 0
+
+    def __post_init__(self):  # checked here, not under "checks": PRESETS below are built at import
+        self.levels = tuple(self.levels)  # a list when read from JSON
+        self.rope_split = tuple(self.rope_split)
+        if self.attn_impl not in ("sdpa", "manual"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width must be heads × an even head dim, got width {self.width}, heads {self.heads}")
+        if len(self.rope_split) != 3 or 2 * sum(self.rope_split) != self.width // self.heads:
+            raise ValueError(f"rope_split must be 3 pair counts (time, rows, cols) summing to head_dim/2 = "
+                             f"{self.width // self.heads // 2}, got {self.rope_split}")
+        if not self.levels or min(self.levels) < 3:
+            raise ValueError(f"levels must be integers >= 3 (the reference FSQ rejects 2), got {self.levels}")
+        if (self.image_h, self.image_w) != (self.feat_h * self.patch, self.feat_w * self.patch):
+            raise ValueError(f"image size must be the feature grid × patch = {self.feat_h * self.patch}×"
+                             f"{self.feat_w * self.patch}, got {self.image_h}×{self.image_w}")
+        if min(self.frames, self.n_i, self.n_p, self.enc_depth, self.dec_depth, self.time_stride) < 1:
+            raise ValueError("frames, n_i, n_p, enc_depth, dec_depth and time_stride must be >= 1")
+
+    @property
+    def n_tokens(self):  # tokens per segment: one I-group, then one P-group per later frame
+        return self.n_i + (self.frames - 1) * self.n_p
+
+    @property
+    def codebook_size(self):
+        return math.prod(self.levels)
+
+
+PRESETS = {
+    "tiny": TokenizerConfig(),  # 0.90 M params (encoder 0.42 M, decoder 0.48 M); 32 tokens
+    "full": TokenizerConfig(  # 173.3 M (encoder 85.9 M, decoder 87.4 M; release 174.5 M); 1,218 tokens
+        feat_dim=768, frames=13, feat_h=30, feat_w=45, width=768, enc_depth=12, dec_depth=12,
+        heads=12, mlp=3072, n_i=330, n_p=74, levels=(8, 8, 8, 4), rope_split=(8, 12, 12),
+        image_h=480, image_w=720, patch=16),
+}
+
 
 # ---- copied primitive: attention (identical in tokenizer.py, lm.py, diffusion.py; tests/test_project.py) ----
 def attention(q, k, v, mask=None, impl="sdpa"):
@@ -77,67 +148,7 @@ def apply_rope(x, cos, sin):
 # ---- end copied primitive ----
 
 
-@dataclass
-class TokenizerConfig:
-    # semantic features in: `frames` frames of (feat_dim, feat_h, feat_w) per segment. Tiny: one 192-d
-    # vector per 8×8 patch (3·8² values, as Theia's ViT-B/16 gives 768 = 3·16² per 16×16 patch), a grid
-    # at half the VAE latent's resolution, as at full size (30×45 features, 60×90 latents)
-    feat_dim: int = 192
-    frames: int = 5  # semantic frames per segment (full: 13 = RGB frames 0, 4, ..., 48)
-    feat_h: int = 4
-    feat_w: int = 4
-    # encoder and decoder: pre-LN transformers of the same width, heads and MLP
-    width: int = 128
-    enc_depth: int = 2
-    dec_depth: int = 2
-    heads: int = 4
-    mlp: int = 512
-    # the token layout and the vocabulary
-    n_i: int = 16  # I-frame queries (frame 0)
-    n_p: int = 4  # P-frame queries per later frame
-    levels: tuple = (8, 5, 5, 5)  # FSQ levels per channel: 8·5·5·5 = 1,000 codes
-    rope_split: tuple = (4, 6, 6)  # rotary pairs for (time, rows, cols); sums to head_dim / 2
-    attn_impl: str = "sdpa"  # "sdpa" | "manual"
-    # feature source (FrozenPatchFeatures): RGB size, patch size, RGB frames per semantic frame
-    image_h: int = 32
-    image_w: int = 32
-    patch: int = 8
-    time_stride: int = 4
-    feat_seed: int = 0
-
-    def __post_init__(self):
-        self.levels, self.rope_split = tuple(self.levels), tuple(self.rope_split)  # lists from JSON
-        if self.attn_impl not in ("sdpa", "manual"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
-        if self.width % self.heads or (self.width // self.heads) % 2:
-            raise ValueError(f"width must be heads × an even head dim, got width {self.width}, heads {self.heads}")
-        if len(self.rope_split) != 3 or 2 * sum(self.rope_split) != self.width // self.heads:
-            raise ValueError(f"rope_split must be 3 pair counts (time, rows, cols) summing to head_dim/2 = "
-                             f"{self.width // self.heads // 2}, got {self.rope_split}")
-        if not self.levels or min(self.levels) < 3:
-            raise ValueError(f"levels must be integers >= 3 (the reference FSQ rejects 2), got {self.levels}")
-        if (self.image_h, self.image_w) != (self.feat_h * self.patch, self.feat_w * self.patch):
-            raise ValueError(f"image size must be the feature grid × patch = {self.feat_h * self.patch}×"
-                             f"{self.feat_w * self.patch}, got {self.image_h}×{self.image_w}")
-        if min(self.frames, self.n_i, self.n_p, self.enc_depth, self.dec_depth, self.time_stride) < 1:
-            raise ValueError("frames, n_i, n_p, enc_depth, dec_depth and time_stride must be >= 1")
-
-    @property
-    def n_tokens(self):  # tokens per segment: one I-group, then one P-group per later frame
-        return self.n_i + (self.frames - 1) * self.n_p
-
-    @property
-    def codebook_size(self):
-        return math.prod(self.levels)
-
-
-PRESETS = {
-    "tiny": TokenizerConfig(),  # 0.90 M params (encoder 0.42 M, decoder 0.48 M); 32 tokens
-    "full": TokenizerConfig(  # 173.3 M (encoder 85.9 M, decoder 87.4 M; release 174.5 M); 1,218 tokens
-        feat_dim=768, frames=13, feat_h=30, feat_w=45, width=768, enc_depth=12, dec_depth=12,
-        heads=12, mlp=3072, n_i=330, n_p=74, levels=(8, 8, 8, 4), rope_split=(8, 12, 12),
-        image_h=480, image_w=720, patch=16),
-}
+# ---------------------------------------------------------------------------- blocks
 
 
 class FrozenPatchFeatures(nn.Module):
@@ -152,25 +163,22 @@ class FrozenPatchFeatures(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        g = torch.Generator().manual_seed(cfg.feat_seed)
-        w = torch.randn(cfg.feat_dim, 3, cfg.patch, cfg.patch, generator=g)
+        generator = torch.Generator().manual_seed(cfg.feat_seed)
+        weight = torch.randn(cfg.feat_dim, 3, cfg.patch, cfg.patch, generator=generator)
         # / sqrt(fan-in) keeps features O(1) (about unit variance on a coloured patch), like standardised Theia
-        self.register_buffer("weight", w / math.sqrt(3 * cfg.patch ** 2))
+        self.register_buffer("weight", weight / math.sqrt(3 * cfg.patch ** 2))
 
     @torch.no_grad()
     def forward(self, video):
         """video (B, 3, T_rgb, H, W) in [-1, 1], T_rgb = 1 + time_stride·k -> feats (B, 1+k, C, h, w)."""
-        c = self.cfg
-        if (video.ndim != 5 or video.shape[1] != 3 or tuple(video.shape[3:]) != (c.image_h, c.image_w)
-                or (video.shape[2] - 1) % c.time_stride):
-            raise ValueError(f"video must be (B, 3, 1+{c.time_stride}k, {c.image_h}, {c.image_w}), "
-                             f"got {tuple(video.shape)}")
-        frames = video[:, :, :: c.time_stride]  # (B, 3, T, H, W): the semantic frames
+        cfg = self.cfg
+        check_video(cfg, video)
+        frames = video[:, :, :: cfg.time_stride]  # (B, 3, T, H, W): the semantic frames
         B, _, T = frames.shape[:3]
-        x = frames.transpose(1, 2).reshape(B * T, 3, c.image_h, c.image_w)  # (B·T, 3, H, W)
+        x = frames.transpose(1, 2).reshape(B * T, 3, cfg.image_h, cfg.image_w)  # (B·T, 3, H, W)
         # measured from black (x + 1): an empty frame gives zero features, the object O(1) ones
-        x = F.conv2d(x.to(self.weight.dtype) + 1, self.weight, stride=c.patch)  # (B·T, C, h, w)
-        return x.view(B, T, c.feat_dim, c.feat_h, c.feat_w)  # (B, T, C, h, w)
+        x = F.conv2d(x.to(self.weight.dtype) + 1, self.weight, stride=cfg.patch)  # (B·T, C, h, w)
+        return x.view(B, T, cfg.feat_dim, cfg.feat_h, cfg.feat_w)  # (B, T, C, h, w)
 
 
 class FSQ(nn.Module):
@@ -193,9 +201,7 @@ class FSQ(nn.Module):
 
     def forward(self, z):
         """z (..., D) -> codes (..., D) on the grid in [-1, 1], indices (...) int64."""
-        if z.shape[-1] != len(self.level_counts):
-            raise ValueError(f"FSQ{self.level_counts} needs (..., {len(self.level_counts)}) inputs, "
-                             f"got {tuple(z.shape)}")
+        check_fsq_input(self.level_counts, z)
         dtype = z.dtype
         if dtype not in (torch.float32, torch.float64):
             z = z.float()  # quantize in fp32, as the reference: bf16 tanh is too coarse near the level boundaries
@@ -231,13 +237,14 @@ def token_times(frames, hw, n_i, n_p, device=None):
     time = torch.cat([arange(frames).repeat_interleave(hw),  # frame tokens
                       arange(1).repeat_interleave(n_i),  # I-queries: group 0
                       arange(1, frames).repeat_interleave(n_p)])  # P-queries of groups 1..frames-1
-    return time, arange(len(time)) < frames * hw
+    is_frame = arange(len(time)) < frames * hw
+    return time, is_frame
 
 
 def encoder_mask(time, is_frame):
-    """(S, S) bool, row = who looks, column = at whom (SPEC §3): frame tokens see frames <= their
-    own; I-queries see frame 0 and earlier I-queries; P-queries of group k see frames <= k and
-    every earlier query. Frame tokens never see a query; queries form a causal 1D sequence."""
+    """(S, S) bool, row = who looks, column = at whom (docs/DESIGN.md §3): frame tokens see frames
+    <= their own; I-queries see frame 0 and earlier I-queries; P-queries of group k see frames <= k
+    and every earlier query. Frame tokens never see a query; queries form a causal 1D sequence."""
     order = torch.arange(len(time), device=time.device)
     earlier_query = ~is_frame[:, None] & (order[None, :] <= order[:, None])  # queries come after all frames
     return (time[None, :] <= time[:, None]) & (is_frame[None, :] | earlier_query)
@@ -258,9 +265,9 @@ def sequence_layout(frames, h, w, n_i, n_p, rope_split, decoder, device):
     time, is_frame = token_times(frames, h * w, n_i, n_p, device)
     mask = decoder_mask(time) if decoder else encoder_mask(time, is_frame)
     grid = torch.meshgrid(*(torch.arange(n, device=device) for n in (frames, h, w)), indexing="ij")
-    n = torch.arange(len(time) - frames * h * w, device=device)
-    pos = torch.cat([torch.stack(grid, dim=-1).view(-1, 3), torch.stack([n, n, n], dim=-1)])  # (S, 3)
-    angles = torch.cat([rope_angles(pos[:, a], rope_split[a]) for a in range(3)], dim=-1)  # (S, head_dim/2)
+    query = torch.arange(len(time) - frames * h * w, device=device)  # 0..N-1
+    pos = torch.cat([torch.stack(grid, dim=-1).view(-1, 3), torch.stack([query, query, query], dim=-1)])  # (S, 3)
+    angles = torch.cat([rope_angles(pos[:, axis], rope_split[axis]) for axis in range(3)], dim=-1)  # (S, head_dim/2)
     return angles.cos(), angles.sin(), mask
 
 
@@ -270,7 +277,8 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.heads, self.attn_impl = cfg.heads, cfg.attn_impl
+        self.heads = cfg.heads
+        self.attn_impl = cfg.attn_impl
         self.norm1 = nn.LayerNorm(cfg.width)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
@@ -282,7 +290,8 @@ class Block(nn.Module):
         B, S, W = x.shape
         qkv = self.qkv(self.norm1(x)).view(B, S, 3, self.heads, W // self.heads)  # (B, S, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 × (B, H, S, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         y = attention(q, k, v, mask, self.attn_impl)  # (B, H, S, Dh)
         x = x + self.proj(y.transpose(1, 2).reshape(B, S, W))  # (B, S, W)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
@@ -304,16 +313,18 @@ class Encoder(nn.Module):
         self.to_code = nn.Linear(cfg.width, len(cfg.levels))
 
     def forward(self, feats):
-        c, (B, T) = self.cfg, feats.shape[:2]
-        x = feats.permute(0, 1, 3, 4, 2).reshape(B, T * c.feat_h * c.feat_w, c.feat_dim)  # (B, T·h·w, C)
+        cfg = self.cfg
+        B, T = feats.shape[:2]
+        n_frame_tokens = T * cfg.feat_h * cfg.feat_w
+        x = feats.permute(0, 1, 3, 4, 2).reshape(B, n_frame_tokens, cfg.feat_dim)  # (B, T·h·w, C)
         x = self.patch_embed(x)  # (B, T·h·w, W)
-        queries = torch.cat([self.i_queries, self.p_queries.repeat(T - 1, 1)])  # (N, W)
+        queries = torch.cat([self.i_queries, self.p_queries.repeat(T - 1, 1)])  # (N, W): groups 0..T-1
         x = torch.cat([x, queries.expand(B, -1, -1)], dim=1)  # (B, S, W)
-        cos, sin, mask = sequence_layout(T, c.feat_h, c.feat_w, c.n_i, c.n_p, c.rope_split, False, x.device)
+        cos, sin, mask = sequence_layout(T, cfg.feat_h, cfg.feat_w, cfg.n_i, cfg.n_p, cfg.rope_split, False, x.device)
         x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        return self.to_code(self.norm_post(x[:, T * c.feat_h * c.feat_w:]))  # (B, N, D)
+        return self.to_code(self.norm_post(x[:, n_frame_tokens:]))  # (B, N, D): the queries' outputs
 
 
 class Decoder(nn.Module):
@@ -333,15 +344,20 @@ class Decoder(nn.Module):
             nn.Linear(cfg.width, 2 * cfg.width), nn.Tanh(), nn.Linear(2 * cfg.width, cfg.feat_dim))
 
     def forward(self, codes):
-        c, (B, N) = self.cfg, codes.shape[:2]
-        T, hw = 1 + (N - c.n_i) // c.n_p, c.feat_h * c.feat_w
-        x = torch.cat([self.mask_token.expand(B, T * hw, -1), self.from_code(codes)], dim=1)  # (B, S, W)
-        cos, sin, mask = sequence_layout(T, c.feat_h, c.feat_w, c.n_i, c.n_p, c.rope_split, True, x.device)
+        cfg = self.cfg
+        B, N = codes.shape[:2]
+        T = 1 + (N - cfg.n_i) // cfg.n_p  # semantic frames: one per group
+        n_frame_tokens = T * cfg.feat_h * cfg.feat_w
+        x = torch.cat([self.mask_token.expand(B, n_frame_tokens, -1), self.from_code(codes)], dim=1)  # (B, S, W)
+        cos, sin, mask = sequence_layout(T, cfg.feat_h, cfg.feat_w, cfg.n_i, cfg.n_p, cfg.rope_split, True, x.device)
         x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        x = self.head(self.norm_post(x[:, : T * hw]))  # (B, T·h·w, C)
-        return x.view(B, T, c.feat_h, c.feat_w, c.feat_dim).permute(0, 1, 4, 2, 3)  # (B, T, C, h, w)
+        x = self.head(self.norm_post(x[:, :n_frame_tokens]))  # (B, T·h·w, C): the mask tokens' outputs
+        return x.view(B, T, cfg.feat_h, cfg.feat_w, cfg.feat_dim).permute(0, 1, 4, 2, 3)  # (B, T, C, h, w)
+
+
+# ---------------------------------------------------------------------------- the tokenizer
 
 
 class SemanticTokenizer(nn.Module):
@@ -357,86 +373,116 @@ class SemanticTokenizer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # Linear layers keep PyTorch's default init, as the release. The learned tokens start as
-        # the release's width^-0.5 · N(0, 1); the first LayerNorm rescales them.
-        for p in (self.encoder.i_queries, self.encoder.p_queries, self.decoder.mask_token):
-            nn.init.normal_(p, std=self.cfg.width ** -0.5)
-        # The projection into FSQ starts small (z ≈ 0.05 · N(0, 1), zero bias): every token starts at
-        # the grid's centre, where tanh is linear. From the default init, the early and still aimless
-        # updates pushed z into tanh's flat tails, where many tokens share a code: in our tiny runs
-        # perplexity was about half at the same step, and at lr 2e-3, batch 8, the codes collapsed.
+        # Linear layers keep PyTorch's default init and LayerNorms weight 1, bias 0, as the release.
+        # The learned tokens (I- and P-queries, the mask token) start as the release's width^-0.5 · N(0, 1);
+        # the first LayerNorm rescales them.
+        for token in (self.encoder.i_queries, self.encoder.p_queries, self.decoder.mask_token):
+            nn.init.normal_(token, std=self.cfg.width ** -0.5)
+        # The projection into FSQ starts small (z ≈ 0.05 · N(0, 1), zero bias): every token starts at the
+        # grid's centre, where tanh is linear and every level is within reach. At the default init's scale
+        # the first, still aimless updates push z into tanh's flat tails, where the straight-through
+        # gradient fades and many tokens round to the same outer code (codebook collapse).
         nn.init.normal_(self.encoder.to_code.weight, std=0.05 * self.cfg.width ** -0.5)
         nn.init.zeros_(self.encoder.to_code.bias)
-        # Deliberately no zero-init of the decoder's head (DiT-style): it kept the tiny model at
-        # "predict the mean feature" for hundreds of steps, the decoder ignoring the tokens.
-
-    def _check_feats(self, feats):
-        c = self.cfg
-        if (feats.ndim != 5 or tuple(feats.shape[2:]) != (c.feat_dim, c.feat_h, c.feat_w)
-                or not 1 <= feats.shape[1] <= c.frames):
-            raise ValueError(f"feats must be (B, T, {c.feat_dim}, {c.feat_h}, {c.feat_w}) with 1 <= T <= "
-                             f"{c.frames}, got {tuple(feats.shape)}")
-
-    def _check_indices(self, indices):
-        c = self.cfg
-        lengths = [c.n_i + k * c.n_p for k in range(c.frames)]
-        if indices.ndim != 2 or indices.shape[1] not in lengths or indices.is_floating_point():
-            raise ValueError(f"indices must be integer (B, n_i + k·n_p) = (B, {c.n_i} + k·{c.n_p}) with k in "
-                             f"0..{c.frames - 1} (a full segment: {c.n_tokens}), "
-                             f"got {indices.dtype} {tuple(indices.shape)}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= c.codebook_size):
-            raise ValueError(f"indices must lie in [0, {c.codebook_size}), got values in "
-                             f"[{indices.min().item()}, {indices.max().item()}]")
+        # Deliberately no zero-init of the decoder's head (DiT zero-inits its final layer): a zero head
+        # passes no gradient to the layers below it, so the decoder first settles on the mean feature,
+        # an output that ignores the tokens, and is slow to leave it.
 
     def forward(self, feats):
         """feats (B, T, C, h, w) -> (reconstruction (B, T, C, h, w), indices (B, N)), for training."""
-        self._check_feats(feats)
+        check_feats(self.cfg, feats)
         codes, indices = self.fsq(self.encoder(feats))  # (B, N, D), (B, N)
         return self.decoder(codes), indices
 
     @torch.no_grad()
     def encode(self, feats):
         """feats (B, T, C, h, w) -> token ids (B, n_i + (T-1)·n_p)."""
-        self._check_feats(feats)
-        return self.fsq(self.encoder(feats))[1]
+        check_feats(self.cfg, feats)
+        _, indices = self.fsq(self.encoder(feats))
+        return indices
 
     @torch.no_grad()
     def decode(self, indices):
         """token ids (B, n_i + k·n_p) -> feats (B, k+1, C, h, w); frame f depends on groups <= f only."""
-        self._check_indices(indices)
+        check_indices(self.cfg, indices)
         return self.decoder(self.fsq.indices_to_codes(indices).to(self.decoder.from_code.weight.dtype))
 
 
+# ---------------------------------------------------------------------------- loss
+
+
 def tokenizer_loss(model, feats):
-    """Feature-reconstruction MSE (the release's loss without its VQ commitment term)."""
-    recon, indices = model(feats)
-    return F.mse_loss(recon.float(), feats.float()), indices
+    """Feature-reconstruction MSE, a scalar (the release's loss without its VQ commitment term).
+    The token ids of the same features come from model.encode(feats)."""
+    recon, _ = model(feats)
+    return F.mse_loss(recon.float(), feats.float())
 
 
 def codebook_usage(indices, codebook_size):
     """(fraction of the codebook used, perplexity exp(entropy) of the code histogram) for logs:
     perplexity = codebook_size means perfectly uniform use, 1 means a single code."""
-    p = torch.bincount(indices.flatten(), minlength=codebook_size).double() / indices.numel()
-    entropy = -(p * p.clamp_min(1e-30).log()).sum()  # 0·log 0 counts as 0
-    return (p > 0).double().mean().item(), entropy.exp().item()
+    probs = torch.bincount(indices.flatten(), minlength=codebook_size).double() / indices.numel()
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum()  # 0·log 0 counts as 0
+    return (probs > 0).double().mean().item(), entropy.exp().item()
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_video(cfg, video):
+    if (video.ndim != 5 or video.shape[1] != 3 or tuple(video.shape[3:]) != (cfg.image_h, cfg.image_w)
+            or (video.shape[2] - 1) % cfg.time_stride):
+        raise ValueError(f"video must be (B, 3, 1+{cfg.time_stride}k, {cfg.image_h}, {cfg.image_w}), "
+                         f"got {tuple(video.shape)}")
+
+
+def check_fsq_input(level_counts, z):
+    if z.shape[-1] != len(level_counts):
+        raise ValueError(f"FSQ{level_counts} needs (..., {len(level_counts)}) inputs, got {tuple(z.shape)}")
+
+
+def check_feats(cfg, feats):
+    if (feats.ndim != 5 or tuple(feats.shape[2:]) != (cfg.feat_dim, cfg.feat_h, cfg.feat_w)
+            or not 1 <= feats.shape[1] <= cfg.frames):
+        raise ValueError(f"feats must be (B, T, {cfg.feat_dim}, {cfg.feat_h}, {cfg.feat_w}) with 1 <= T <= "
+                         f"{cfg.frames}, got {tuple(feats.shape)}")
+
+
+def check_indices(cfg, indices):
+    lengths = [cfg.n_i + k * cfg.n_p for k in range(cfg.frames)]  # groups 0..k
+    if indices.ndim != 2 or indices.shape[1] not in lengths or indices.is_floating_point():
+        raise ValueError(f"indices must be integer (B, n_i + k·n_p) = (B, {cfg.n_i} + k·{cfg.n_p}) with k in "
+                         f"0..{cfg.frames - 1} (a full segment: {cfg.n_tokens}), "
+                         f"got {indices.dtype} {tuple(indices.shape)}")
+    if indices.numel() and (indices.min() < 0 or indices.max() >= cfg.codebook_size):
+        raise ValueError(f"indices must lie in [0, {cfg.codebook_size}), got values in "
+                         f"[{indices.min().item()}, {indices.max().item()}]")
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     cfg = PRESETS["tiny"]
-    model, features = SemanticTokenizer(cfg).eval(), FrozenPatchFeatures(cfg)
+    model = SemanticTokenizer(cfg).eval()
+    features = FrozenPatchFeatures(cfg)
     video = torch.rand(2, 3, 1 + cfg.time_stride * (cfg.frames - 1), cfg.image_h, cfg.image_w) * 2 - 1
     feats = features(video)
     ids = model.encode(feats)
     print(f"tiny: video {tuple(video.shape)} -> feats {tuple(feats.shape)} -> ids {tuple(ids.shape)} "
           f"(codebook {cfg.codebook_size}) -> feats {tuple(model.decode(ids).shape)}; "
           f"first 2 groups -> {tuple(model.decode(ids[:, : cfg.n_i + cfg.n_p]).shape)}")
-    for name, c in PRESETS.items():
+    for name, preset in PRESETS.items():
         with torch.device("meta"):
-            m = SemanticTokenizer(c)
-        count = lambda mod: sum(p.numel() for p in mod.parameters())
-        pixels = (1 + c.time_stride * (c.frames - 1)) * c.image_h * c.image_w
-        print(f"{name}: {c.frames} frames of {c.feat_dim}×{c.feat_h}×{c.feat_w} -> {c.n_tokens} tokens "
-              f"({c.n_i} + {c.frames - 1}×{c.n_p}; {pixels / c.n_tokens:,.0f} pixels per token), "
-              f"{c.codebook_size} codes; params {count(m) / 1e6:.2f} M (encoder {count(m.encoder) / 1e6:.2f} M, "
-              f"decoder {count(m.decoder) / 1e6:.2f} M)")
+            meta_model = SemanticTokenizer(preset)
+        pixels = (1 + preset.time_stride * (preset.frames - 1)) * preset.image_h * preset.image_w
+        print(f"{name}: {preset.frames} frames of {preset.feat_dim}×{preset.feat_h}×{preset.feat_w} -> "
+              f"{preset.n_tokens} tokens ({preset.n_i} + {preset.frames - 1}×{preset.n_p}; "
+              f"{pixels / preset.n_tokens:,.0f} pixels per token), {preset.codebook_size} codes; "
+              f"params {n_params(meta_model) / 1e6:.2f} M (encoder {n_params(meta_model.encoder) / 1e6:.2f} M, "
+              f"decoder {n_params(meta_model.decoder) / 1e6:.2f} M)")

@@ -244,14 +244,13 @@ def stage_vae(args, ctx):
     cfg, g = vae.PRESETS["tiny"], gen(args, 1)
     torch.manual_seed(args.seed)
     model, (_, n, _) = vae.VAE(cfg), PLAN["vae"]
-    # start the output at black and count object pixels 10x: objects cover ~7% of the pixels, and
-    # plain MSE learns the background first while colours stay grey for many minutes (SPEC §7)
-    torch.nn.init.constant_(model.decoder.conv_out.bias, -1.0)
+    # count object pixels 10x (the output starts at black: the tiny preset's out_bias): objects cover
+    # ~7% of the pixels, and plain MSE learns the background first while colours stay grey (docs/DESIGN.md §7)
 
     def loss_fn():  # 5-frame clips hold both causal cases (the lone first frame, a group of 4); many small
         x = to_float(render(draw_clips(n, g, 5)))  # steps learnt colour faster than fewer 9- or 17-frame ones
         near = F.max_pool3d((x.amax(1, keepdim=True) > -1).float(), (1, 5, 5), 1, (0, 2, 2))  # object + 2 px
-        return vae.vae_loss(model, x, weight=1 + 9 * near)[0]
+        return vae.vae_loss(model, x, weight=1 + 9 * near)
     specs = draw_clips(64, gen(args, 101))
     x = to_float(render(specs))
 
@@ -275,12 +274,13 @@ def stage_tokenizer(args, ctx):
     cfg, g, (_, n, _) = tokenizer.PRESETS["tiny"], gen(args, 2), PLAN["tokenizer"]
     torch.manual_seed(args.seed + 2)
     model, feats = tokenizer.SemanticTokenizer(cfg), tokenizer.FrozenPatchFeatures(cfg)
-    loss_fn = lambda: tokenizer.tokenizer_loss(model, feats(to_float(render(draw_clips(n, g)))))[0]  # noqa: E731
+    loss_fn = lambda: tokenizer.tokenizer_loss(model, feats(to_float(render(draw_clips(n, g)))))  # noqa: E731
     fit("tokenizer", args, {"model": model}, loss_fn, cfg, g)
     ctx["tok"], ctx["feats"] = model.eval().requires_grad_(False), feats
     with torch.no_grad():
         f = feats(to_float(render(draw_clips(256, gen(args, 102)))))
-        loss, ids = tokenizer.tokenizer_loss(model, f)
+        loss = tokenizer.tokenizer_loss(model, f)
+        ids = model.encode(f)
     used, ppl = tokenizer.codebook_usage(ids, cfg.codebook_size)
     return f"feature MSE {loss:.4f} (feature variance {f.var():.4f}), codes used {used:.0%}, perplexity {ppl:.0f}"
 

@@ -7,8 +7,9 @@ Every convolution is causal in time (it looks only at the current and the two
 previous frames), so the first frame is encoded on its own, like an image, and
 each later latent frame summarises the next 4 RGB frames: T = 1+4k frames <->
 1+k latent frames, latent k covering RGB frames 4k-3..4k (so latent k depends on
-frames <= 4k only, and RGB frame 4k on latents <= k only). The decoder's norms are conditioned on the latent itself
-(SpatialNorm), and because nothing looks ahead in time the decoder can run
+frames <= 4k only, and RGB frame 4k on latents <= k only). The decoder's norms
+are conditioned on the latent itself (SpatialNorm), and because nothing looks
+ahead in time the decoder can run
 chunk by chunk, carrying the last two input frames of every causal conv over to
 the next chunk; that is how a long clip decodes in bounded memory.
 
@@ -24,6 +25,7 @@ References: LanDiff (arXiv 2503.04606) uses the VAE of CogVideoX
 autoencoder and its latent scale factor from LDM (arXiv 2112.10752). The layers,
 their order and parameter shapes follow diffusers' AutoencoderKLCogVideoX at the
 CogVideoX-2B config (215,583,907 parameters), so its weights load by a key map.
+Every number, full and tiny: docs/DESIGN.md §2 and §7.
 
 What we do differently from the release, on purpose:
 - GroupNorm statistics are taken PER FRAME (over a group of channels x H x W of
@@ -44,7 +46,9 @@ What we do differently from the release, on purpose:
   no spatial tiling, no dropout (the release's is 0).
 - Training loss: MSE + a tiny KL only. The release adds LPIPS and a GAN loss,
   which the toy world does not need.
-- Initialisation: PyTorch defaults, as in the release; no layer is zero-inited.
+- Initialisation: PyTorch defaults, as in the release, except that the tiny
+  preset starts the decoder's output bias at the toy world's black background
+  (`out_bias`, see VAE.initialize_weights). No layer is zero-inited.
 """
 import time
 from dataclasses import dataclass
@@ -61,25 +65,28 @@ class VAEConfig:
     ch_mult: tuple = (1, 2, 4)  # channels per level = base_ch * mult; len - 1 = spatial halvings
     n_res: int = 1  # ResNet blocks per encoder level (the decoder has n_res + 1)
     z_ch: int = 8  # latent channels (the encoder emits 2 * z_ch: mean and log-variance)
-    groups: int = 4  # GroupNorm groups
-    # GroupNorm epsilon (release 1e-6). Tiny: 1e-2. A per-frame group of our 2 channels on a black frame
-    # with one small object has a variance near 0, and 1e-6 turns its noise into huge activations:
-    # training spiked and the loss plateaued; 1e-2 trained stably to about half the loss.
+    groups: int = 4  # GroupNorm channel groups
+    # GroupNorm epsilon (release 1e-6). Tiny: 1e-2. A per-frame group of our 2 channels on a black
+    # frame with one small object has a variance near 0, so dividing by sqrt(var + 1e-6) would
+    # amplify its noise up to 1000x; 1e-2 caps that gain at 10.
     eps: float = 1e-2
     time_levels: int = 2  # the first `time_levels` encoder levels (and decoder levels) also halve (double) time
     # multiply latents by this before diffusion (LDM's unit-variance trick). The tiny
     # value is a placeholder: train_tiny.py measures the trained latents' std and sets it.
     scale_factor: float = 1.0
+    # the decoder's output bias at init (None: PyTorch's default, as the release); tiny: -1, the toy
+    # world's black background (VAE.initialize_weights says why)
+    out_bias: float | None = -1.0
 
-    def __post_init__(self):
+    def __post_init__(self):  # checked here, not under "checks": PRESETS below are built at import
         levels = len(self.ch_mult) - 1
         if self.n_res < 1:  # the first ResBlock of each encoder level changes the width
             raise ValueError(f"n_res must be >= 1, got {self.n_res}")
         if not 0 <= self.time_levels <= levels:
             raise ValueError(f"time_levels must be in 0..{levels} (len(ch_mult) - 1), got {self.time_levels}")
-        for c in (self.base_ch * m for m in self.ch_mult):
-            if c % self.groups:
-                raise ValueError(f"every level's channels must be divisible by groups={self.groups}, got {c}")
+        for width in (self.base_ch * m for m in self.ch_mult):
+            if width % self.groups:
+                raise ValueError(f"every level's channels must be divisible by groups={self.groups}, got {width}")
 
     @property
     def spatial_factor(self):
@@ -91,17 +98,16 @@ class VAEConfig:
 
 
 PRESETS = {
-    # 476,955 params (encoder 184,712 + decoder 292,243); 17x32x32 -> 5x8x8x8; a training
-    # step on 6 five-frame clips takes ~0.24 s on 2 CPU cores, dominated by the full-resolution convs
+    # 476,955 params (encoder 184,712 + decoder 292,243); 17x32x32 -> 5x8x8x8
     "tiny": VAEConfig(),
     # 215,583,907 params (encoder 92,215,456 + decoder 123,368,451), as the release;
     # 49x480x720 -> 13x60x90x16
     "full": VAEConfig(base_ch=128, ch_mult=(1, 2, 2, 4), n_res=3, z_ch=16, groups=32, eps=1e-6,
-                      scale_factor=1.15258426),
+                      scale_factor=1.15258426, out_bias=None),
 }
 
 
-# ---------------------------------------------------------------------------- pieces
+# ---------------------------------------------------------------------------- blocks
 
 
 class FrameGroupNorm(nn.GroupNorm):
@@ -163,15 +169,23 @@ class SpatialNorm(nn.Module):
         return self.norm(f) * y + b
 
 
+def norm_layer(c, cfg, z_ch=None):
+    """The norm of c channels: FrameGroupNorm in the encoder, SpatialNorm on the latent (z_ch set) in the decoder."""
+    if z_ch:
+        return SpatialNorm(c, z_ch, cfg)
+    return FrameGroupNorm(cfg.groups, c, cfg.eps)
+
+
 class ResBlock(nn.Module):
     """norm -> SiLU -> causal conv, twice, plus a skip (1x1x1 conv when the width changes).
     With z_ch set, the norms are SpatialNorms conditioned on the latent (decoder)."""
 
     def __init__(self, c_in, c_out, cfg, z_ch=None):
         super().__init__()
-        norm = (lambda c: SpatialNorm(c, z_ch, cfg)) if z_ch else (lambda c: FrameGroupNorm(cfg.groups, c, cfg.eps))
-        self.norm1, self.conv1 = norm(c_in), CausalConv3d(c_in, c_out)
-        self.norm2, self.conv2 = norm(c_out), CausalConv3d(c_out, c_out)
+        self.norm1 = norm_layer(c_in, cfg, z_ch)
+        self.conv1 = CausalConv3d(c_in, c_out)
+        self.norm2 = norm_layer(c_out, cfg, z_ch)
+        self.conv2 = CausalConv3d(c_out, c_out)
         self.skip = nn.Conv3d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, cache=None, z=None, first=True):
@@ -192,7 +206,8 @@ class Downsample(nn.Conv2d):
 
     def forward(self, x):
         if self.time:
-            head, rest = x[:, :, :1], x[:, :, 1:]  # frame 0; frames 1..2k
+            head = x[:, :, :1]  # frame 0
+            rest = x[:, :, 1:]  # frames 1..2k
             B, C, T, H, W = rest.shape
             rest = rest.view(B, C, T // 2, 2, H, W).mean(3)  # (B, C, k, H, W): mean of each pair
             x = torch.cat([head, rest], dim=2)  # (B, C, 1+k, H, W)
@@ -212,13 +227,12 @@ class Upsample(nn.Conv2d):
 
     def forward(self, x, first):
         B, C, T, H, W = x.shape
-        T2 = (2 * T - 1 if first else 2 * T) if self.time else T
-        x = resize_nearest(x, (T2, 2 * H, 2 * W), first)  # (B, C, T2, 2H, 2W)
-        y = super().forward(x.transpose(1, 2).reshape(B * T2, C, 2 * H, 2 * W))  # (B*T2, C, 2H, 2W)
-        return y.view(B, T2, C, 2 * H, 2 * W).transpose(1, 2)  # (B, C, T2, 2H, 2W)
-
-
-# ---------------------------------------------------------------------------- encoder, decoder
+        T_out = T
+        if self.time:  # the clip's frame 0 stays one frame: 1+k -> 1+2k; a later chunk's k -> 2k
+            T_out = 2 * T - 1 if first else 2 * T
+        x = resize_nearest(x, (T_out, 2 * H, 2 * W), first)  # (B, C, T_out, 2H, 2W)
+        y = super().forward(x.transpose(1, 2).reshape(B * T_out, C, 2 * H, 2 * W))  # (B*T_out, C, 2H, 2W)
+        return y.view(B, T_out, C, 2 * H, 2 * W).transpose(1, 2)  # (B, C, T_out, 2H, 2W)
 
 
 class Encoder(nn.Module):
@@ -227,15 +241,16 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        ch = [cfg.base_ch * m for m in cfg.ch_mult]
-        self.conv_in = CausalConv3d(cfg.in_ch, ch[0])
+        widths = [cfg.base_ch * m for m in cfg.ch_mult]  # tiny: 8, 16, 32
+        in_widths = [widths[0], *widths[:-1]]  # each level's first ResBlock widens from the previous level
+        self.conv_in = CausalConv3d(cfg.in_ch, widths[0])
         self.blocks = nn.ModuleList(
-            nn.ModuleList(ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c, cfg) for j in range(cfg.n_res))
-            for i, c in enumerate(ch))
-        self.downs = nn.ModuleList(Downsample(c, i < cfg.time_levels) for i, c in enumerate(ch[:-1]))
-        self.mid = nn.ModuleList(ResBlock(ch[-1], ch[-1], cfg) for _ in range(2))
-        self.norm_out = FrameGroupNorm(cfg.groups, ch[-1], cfg.eps)
-        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.z_ch)
+            nn.ModuleList(ResBlock(c_in if j == 0 else c, c, cfg) for j in range(cfg.n_res))
+            for c_in, c in zip(in_widths, widths))
+        self.downs = nn.ModuleList(Downsample(c, i < cfg.time_levels) for i, c in enumerate(widths[:-1]))
+        self.mid = nn.ModuleList(ResBlock(widths[-1], widths[-1], cfg) for _ in range(2))
+        self.norm_out = norm_layer(widths[-1], cfg)
+        self.conv_out = CausalConv3d(widths[-1], 2 * cfg.z_ch)
 
     def forward(self, x):
         h = self.conv_in(x)  # (B, C0, T, H, W)
@@ -255,15 +270,16 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        ch = [cfg.base_ch * m for m in reversed(cfg.ch_mult)]
-        self.conv_in = CausalConv3d(cfg.z_ch, ch[0])
-        self.mid = nn.ModuleList(ResBlock(ch[0], ch[0], cfg, cfg.z_ch) for _ in range(2))
+        widths = [cfg.base_ch * m for m in reversed(cfg.ch_mult)]  # tiny: 32, 16, 8
+        in_widths = [widths[0], *widths[:-1]]  # each level's first ResBlock narrows from the previous level
+        self.conv_in = CausalConv3d(cfg.z_ch, widths[0])
+        self.mid = nn.ModuleList(ResBlock(widths[0], widths[0], cfg, cfg.z_ch) for _ in range(2))
         self.blocks = nn.ModuleList(
-            nn.ModuleList(ResBlock(ch[max(i - 1, 0)] if j == 0 else c, c, cfg, cfg.z_ch) for j in range(cfg.n_res + 1))
-            for i, c in enumerate(ch))
-        self.ups = nn.ModuleList(Upsample(c, i < cfg.time_levels) for i, c in enumerate(ch[:-1]))
-        self.norm_out = SpatialNorm(ch[-1], cfg.z_ch, cfg)
-        self.conv_out = CausalConv3d(ch[-1], cfg.in_ch)
+            nn.ModuleList(ResBlock(c_in if j == 0 else c, c, cfg, cfg.z_ch) for j in range(cfg.n_res + 1))
+            for c_in, c in zip(in_widths, widths))
+        self.ups = nn.ModuleList(Upsample(c, i < cfg.time_levels) for i, c in enumerate(widths[:-1]))
+        self.norm_out = norm_layer(widths[-1], cfg, cfg.z_ch)
+        self.conv_out = CausalConv3d(widths[-1], cfg.in_ch)
 
     def forward(self, z, first=True, cache=None):
         """z (B, z, t, h, w): the whole clip, or one chunk of it (first: it starts the clip;
@@ -283,21 +299,28 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
+    """Encoder -> mean, logvar; Decoder (z, conditioned on z) -> video; decode whole or chunk by chunk."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Every layer keeps the default init its constructor gave it, as the release: PyTorch's
+        # Kaiming-uniform conv weights and uniform biases, GroupNorm weight 1 and bias 0. Nothing is zero-inited.
+        # The decoder's output bias starts at cfg.out_bias when set. Tiny: -1, black, the toy world's
+        # background, which covers ~93% of the pixels (docs/DESIGN.md §7). From a bias near 0 the first
+        # thing plain MSE learns is that background, while objects stay grey; starting the output at the
+        # background leaves the gradient to the objects from the first step.
+        if self.cfg.out_bias is not None:
+            nn.init.constant_(self.decoder.conv_out.bias, self.cfg.out_bias)
 
     def encode(self, x):
         """x (B, 3, 1+4k, H, W) in [-1, 1] -> mean, logvar, each (B, z, 1+k, H/f, W/f)."""
-        cfg, (sf, tf) = self.cfg, (self.cfg.spatial_factor, self.cfg.temporal_factor)
-        if x.dim() != 5 or x.shape[1] != cfg.in_ch:
-            raise ValueError(f"x must be (B, {cfg.in_ch}, T, H, W), got {tuple(x.shape)}")
-        if (x.shape[2] - 1) % tf:
-            raise ValueError(f"frames must be 1+{tf}k (1, {1 + tf}, {1 + 2 * tf}, ...), got {x.shape[2]}")
-        if x.shape[3] % sf or x.shape[4] % sf:
-            raise ValueError(f"H and W must be multiples of {sf}, got {x.shape[3]}x{x.shape[4]}")
+        check_video(self.cfg, x)
         mean, logvar = self.encoder(x).chunk(2, dim=1)  # (B, z, t, h, w) each
         return mean, logvar.clamp(-30.0, 20.0)  # the release's clamp keeps exp(logvar) finite
 
@@ -308,30 +331,57 @@ class VAE(nn.Module):
         per step, carrying each causal conv's last two frames over, so memory is
         bounded by n. Latent frame 0 makes a single RGB frame, so the first step
         takes it together with the next n: every step then yields 4n RGB frames."""
-        if z.dim() != 5 or z.shape[1] != self.cfg.z_ch:
-            raise ValueError(f"z must be (B, {self.cfg.z_ch}, t, h, w), got {tuple(z.shape)}")
+        check_latent(self.cfg, z, chunk)
         if chunk is None:
             return self.decoder(z)
-        if not (isinstance(chunk, int) and chunk >= 1):
-            raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
-        t, cache = z.shape[2], {}
+        t = z.shape[2]
         starts = [0, *range(1 + chunk, t, chunk)]  # t=13, n=2: 0, 3, 5, .., 11 (the release's batching)
-        out = [self.decoder(z[:, :, s:e], s == 0, cache) for s, e in zip(starts, starts[1:] + [t])]
-        return torch.cat(out, dim=2)  # (B, 3, T, H, W)
+        ends = [*starts[1:], t]  # t=13, n=2: 3, 5, 7, .., 13
+        cache = {}  # each causal conv's last two input frames, carried from chunk to chunk
+        chunks = []
+        for start, end in zip(starts, ends):
+            chunks.append(self.decoder(z[:, :, start:end], start == 0, cache))  # RGB frames of latents start..end-1
+        return torch.cat(chunks, dim=2)  # (B, 3, T, H, W)
+
+
+# ---------------------------------------------------------------------------- loss
 
 
 def vae_loss(vae, x, kl_weight=1e-6, weight=None):
-    """Reparameterised VAE loss -> (loss, recon_mse). kl_weight weighs the summed
-    KL against the summed squared error, as in LDM, so 1e-6 only keeps the latent
+    """Reparameterised VAE loss, a scalar: pixel MSE + kl_weight * KL. kl_weight weighs the
+    summed KL against the summed squared error, as in LDM, so 1e-6 only keeps the latent
     scale in check; train_tiny.py then rescales latents by their measured std.
     weight (broadcastable to x), if given, weighs each pixel's squared error: small
-    objects on a flat background otherwise learn their colour last (SPEC §7)."""
+    objects on a flat background otherwise learn their colour last (docs/DESIGN.md §7)."""
     mean, logvar = vae.encode(x)
     z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # z ~ N(mean, sigma^2), differentiable
     err = (vae.decode(z) - x).square()  # (B, 3, T, H, W)
-    rec = err.mean() if weight is None else (err * weight).mean()
+    if weight is not None:
+        err = err * weight
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()  # KL(q || N(0, I)), per pixel value
-    return rec + kl_weight * kl, err.mean().detach()
+    return err.mean() + kl_weight * kl
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def check_video(cfg, x):
+    spatial = cfg.spatial_factor
+    temporal = cfg.temporal_factor
+    if x.dim() != 5 or x.shape[1] != cfg.in_ch:
+        raise ValueError(f"x must be (B, {cfg.in_ch}, T, H, W), got {tuple(x.shape)}")
+    if (x.shape[2] - 1) % temporal:
+        raise ValueError(f"frames must be 1+{temporal}k (1, {1 + temporal}, {1 + 2 * temporal}, ...), "
+                         f"got {x.shape[2]}")
+    if x.shape[3] % spatial or x.shape[4] % spatial:
+        raise ValueError(f"H and W must be multiples of {spatial}, got {x.shape[3]}x{x.shape[4]}")
+
+
+def check_latent(cfg, z, chunk):
+    if z.dim() != 5 or z.shape[1] != cfg.z_ch:
+        raise ValueError(f"z must be (B, {cfg.z_ch}, t, h, w), got {tuple(z.shape)}")
+    if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -343,17 +393,17 @@ if __name__ == "__main__":
     x = torch.rand(1, 3, 17, 32, 32) * 2 - 1
     with torch.no_grad():
         mean, logvar = vae.encode(x)
-        y = vae.decode(mean)
-        y2 = vae.decode(mean, chunk=2)
+        whole = vae.decode(mean)
+        chunked = vae.decode(mean, chunk=2)
         times = []
         for _ in range(7):
             t0 = time.perf_counter()
             vae.decode(vae.encode(x)[0])
             times.append(time.perf_counter() - t0)
-    print(f"video {tuple(x.shape)} -> mean/logvar {tuple(mean.shape)} -> video {tuple(y.shape)}")
-    print(f"chunked (2 latent frames per step) vs whole decode: max |diff| {(y - y2).abs().max():.1e}")
+    print(f"video {tuple(x.shape)} -> mean/logvar {tuple(mean.shape)} -> video {tuple(whole.shape)}")
+    print(f"chunked (2 latent frames per step) vs whole decode: max |diff| {(whole - chunked).abs().max():.1e}")
     print(f"tiny encode+decode of {tuple(x.shape)}: {sorted(times)[3] * 1e3:.1f} ms (median of 7)")
     with torch.device("meta"):
         full = VAE(PRESETS["full"])
-    for name, m in (("tiny", vae), ("full", full)):
-        print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
+    for name, model in (("tiny", vae), ("full", full)):
+        print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters")
