@@ -219,13 +219,9 @@ class Block(nn.Module):
         self.impl = cfg.attn_impl
         self.norm1 = nn.LayerNorm(D)
         self.ada1 = nn.Linear(cfg.time_dim, 6 * D)  # attention's adaLN: shift, scale, gate for video and for text
-        self.q = nn.Linear(D, D)
-        self.k = nn.Linear(D, D)
-        self.v = nn.Linear(D, D)
-        self.out = nn.Linear(D, D)
+        self.q, self.k, self.v, self.out = (nn.Linear(D, D) for _ in range(4))  # the four projections
         # LayerNorm on q and k per head keeps attention logits bounded in a deep bf16 model
-        self.q_norm = nn.LayerNorm(D // cfg.heads, eps=1e-6)
-        self.k_norm = nn.LayerNorm(D // cfg.heads, eps=1e-6)
+        self.q_norm, self.k_norm = (nn.LayerNorm(D // cfg.heads, eps=1e-6) for _ in range(2))
         self.norm2 = nn.LayerNorm(D)
         self.ada2 = nn.Linear(cfg.time_dim, 6 * D)  # the MLP's adaLN
         self.fc1 = nn.Linear(D, cfg.mlp)
@@ -357,8 +353,7 @@ class ControlNet(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Every initialisation of the branch: the DiT's defaults (the upsampler's convolutions keep PyTorch's),
-        then each zero-init with its reason. from_dit then copies the base's embeddings and first blocks."""
+        """As DiT's (the upsampler's convolutions keep PyTorch's init); from_dit then copies the base in."""
         _default_init(self)
         # adaLN-Zero, as in the base: each block starts as the identity
         for block in self.blocks:
@@ -459,9 +454,8 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
     frames before every model call and into the result (streaming). progress(i, steps) is called after
     step i (1-based), e.g. to move a bar. The times stay fp32 whatever the model's dtype."""
     B = noise.shape[0]
-    _check_method(dit.cfg, controlnet, sem, 0, steps, guidance)
-    _check_prefix(dit.cfg, noise, prefix)
     n_prefix = 0 if prefix is None else prefix.shape[2]
+    _check_method(dit.cfg, controlnet, sem, n_prefix, steps, guidance, noise, prefix)
     hint = controlnet.hint(sem) if controlnet is not None else None  # the semantics do not change over steps
     times = shift_time(torch.linspace(1, 0, steps + 1, device=noise.device), dit.cfg.shift)  # (steps + 1,) fp32
 
@@ -488,26 +482,18 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0):
+def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0, noise=None, prefix=None):
     """The arguments of fm_loss and euler_sample."""
     if (controlnet is None) != (sem is None):
         raise ValueError("pass controlnet and sem together (or neither)")
     if not 0 <= n_prefix < cfg.frames:
         raise ValueError(f"prefix must be in 0..frames-1 (0..{cfg.frames - 1}), got {n_prefix}")
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be an int >= 1 (Euler steps), got {steps!r}")
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0 (1: no guidance), got {guidance}")
-
-
-def _check_prefix(cfg, noise, prefix):
-    if prefix is None:
-        return
-    B, C, _, H, W = noise.shape
-    if prefix.dim() != 5 or not 0 < prefix.shape[2] < cfg.frames or prefix.shape[:2] != (B, C) \
-            or prefix.shape[3:] != (H, W):
-        raise ValueError(f"prefix must be (B, C, p, H, W) = {(B, C, 'p', H, W)} with 0 < p < frames ({cfg.frames}), "
-                         f"got {tuple(prefix.shape)}")
+    if not (isinstance(steps, int) and steps >= 1) or guidance < 0:
+        raise ValueError(f"steps must be an int >= 1 and guidance >= 0 (1: none), got {steps!r}, {guidance}")
+    if prefix is not None and (prefix.dim() != 5 or not 0 < n_prefix or prefix.shape[:2] != noise.shape[:2]
+                               or prefix.shape[3:] != noise.shape[3:]):
+        raise ValueError(f"prefix must be (B, C, p, H, W) = {(*noise.shape[:2], 'p', *noise.shape[3:])} with "
+                         f"0 < p < frames ({cfg.frames}), got {tuple(prefix.shape)}")
 
 
 def _check(cfg, x, t, text, sem=None):
