@@ -189,7 +189,7 @@ def generate_video(p, prompts, frames=17, motion=1.0, seed=0, cfg_lm=3.0, cfg_di
     text = stage("text", lambda: p.text(p.text.tokenize(prompts)).to(dev, dt), p.text)  # (B, L, D)
     motion = torch.as_tensor(motion, dtype=torch.float32).expand(B).to(dev)
     if not baseline:  # n_sem: the LM's `frames` micro-condition counts the clip's semantic frames
-        codes = stage("lm", lambda: lm.generate(p.lm, text, n_sem, motion, n_segments=K, cfg_scale=cfg_lm,
+        codes = stage("lm", lambda: lm.generate(p.lm, text, n_sem, motion, n_segments=K, guidance=cfg_lm,
                                                 temperature=temperature, top_k=top_k, generator=g_lm,
                                                 progress=progress and (lambda i, n: progress("lm", i, n))), p.lm)
         sem = stage("tokenizer", lambda: p.tok.decode(codes.view(B * K, -1)), p.tok)  # every window in one batch
