@@ -30,10 +30,11 @@ Differences from the release, on purpose:
 - No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no
   motion-score head, no chunked cross-entropy, no autocast inside the module.
 - The tiny preset has its own word-level TextEncoder, trained with the LM (release: frozen
-  Flan-T5-XXL; loading T5 is out of scope here).
+  Flan-T5-XXL; loading T5 is out of scope here); the full preset's StandInText has T5's shape only.
 """
 import math
 import re
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -266,9 +267,13 @@ class TextEncoder(nn.Module):
         self.words = list(words)
         self.index = {w: i + 2 for i, w in enumerate(self.words)}
 
-    def tokenize(self, prompts):
-        """list of B prompts -> ids (B, text_len), PAD after the last word. No truncation: a prompt
-        longer than text_len words is an error."""
+    def tokenize(self, prompts, strict=False):
+        """list of B prompts -> ids (B, text_len), PAD after the last word. No truncation: a prompt longer
+        than text_len words is an error. A word the encoder never saw is UNK, or with strict=True an error."""
+        unknown = sorted({w for p in prompts for w in self.split(p)} - set(self.index))
+        if strict and unknown:
+            raise ValueError(f"the text encoder never saw {', '.join(unknown)}; "
+                             f"the words it knows: {' '.join(self.words)}")
         ids = torch.full((len(prompts), self.cfg.text_len), self.PAD, dtype=torch.long)
         for b, p in enumerate(prompts):
             words = self.split(p)
@@ -287,6 +292,27 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         return self.norm(x) * real[..., None]
+
+
+class StandInText(nn.Module):
+    """The full preset's text: T5-XXL is not included, so per prompt seeded random features of T5's shape
+    (seed: crc32 of the prompt), zero after its words + T5's end token, like padded T5 output."""
+
+    def __init__(self, dim, length):
+        super().__init__()
+        self.dim = dim
+        self.length = length
+
+    def tokenize(self, prompts, strict=False):  # the prompts themselves are the input; any word is allowed
+        return list(prompts)
+
+    def forward(self, prompts):
+        out = torch.zeros(len(prompts), self.length, self.dim)  # (B, L, dim)
+        for row, prompt in enumerate(prompts):
+            n_real = min(len(prompt.split()) + 1, self.length)
+            seeded = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+            out[row, :n_real] = torch.randn(n_real, self.dim, generator=seeded)
+        return out
 
 
 class SemanticLM(nn.Module):
@@ -520,21 +546,19 @@ if __name__ == "__main__":
     import time
 
     torch.manual_seed(0)
-    with torch.device("meta"):
-        full = SemanticLM(PRESETS["full"])
     cfg = PRESETS["tiny"]
     captions = ["a red circle moving left", "a blue square moves up", "green triangle going down"]
     enc = TextEncoder(cfg, TextEncoder.build_vocab(captions))
     lm = SemanticLM(cfg)
+    with torch.device("meta"):
+        full = SemanticLM(PRESETS["full"])
     for name, m in (("full SemanticLM (meta)", full), ("tiny SemanticLM", lm), ("tiny TextEncoder", enc)):
         print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
     text = enc(enc.tokenize(captions))  # (3, text_len, text_dim)
     codes = torch.randint(cfg.codebook_size, (3, cfg.tokens_per_segment))
     loss = lm_loss(lm, codes, text, 5, torch.tensor([0.5, 1.0, 1.25]))
-    print(f"text {tuple(text.shape)}, codes {tuple(codes.shape)}: loss at init {loss:.3f} "
-          f"(ln V = {math.log(cfg.vocab_size):.3f})")
-    t0 = time.perf_counter()
+    print(f"loss at init {loss:.3f} (ln V = {math.log(cfg.vocab_size):.3f})")
+    start = time.perf_counter()
     out = generate(lm.eval(), text, 5, 1.0, n_segments=2, guidance=4.0, top_k=50,
                    generator=torch.Generator().manual_seed(0))
-    n = len(token_layout(cfg, 2)) - 1
-    print(f"generate, 2 segments, CFG 4: codes {tuple(out.shape)}, {n} steps, {n / (time.perf_counter() - t0):.0f}/s")
+    print(f"generate, 2 segments, guidance 4: codes {tuple(out.shape)} in {time.perf_counter() - start:.2f}s")

@@ -206,6 +206,9 @@ def test_text_encoder_vocabulary_round_trip():
     assert out.shape == (2, CFG.text_len, CFG.text_dim)
     assert out[ids == TextEncoder.PAD].abs().max() == 0
     assert out[ids != TextEncoder.PAD].norm(dim=-1).min() > 1.0
+    with pytest.raises(ValueError, match="never saw hexagon, purple; the words it knows: a blue circle"):
+        enc.tokenize(["a red circle", "a purple hexagon"], strict=True)  # strict: unknown words are an error, not UNK
+    assert torch.equal(enc.tokenize(prompts[:1], strict=True), ids[:1])
     with pytest.raises(ValueError, match="words"):  # a vocabulary that does not fit the weights
         TextEncoder(CFG, words[:-1]).load_state_dict(sd)
 
