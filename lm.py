@@ -270,17 +270,17 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts, strict=False):
         """list of B prompts -> ids (B, text_len), PAD after the last word. No truncation: a prompt longer
         than text_len words is an error. A word the encoder never saw is UNK, or with strict=True an error."""
-        unknown = sorted({w for p in prompts for w in self.split(p)} - set(self.index))
+        unknown = sorted({w for prompt in prompts for w in self.split(prompt)} - set(self.index))
         if strict and unknown:
             raise ValueError(f"the text encoder never saw {', '.join(unknown)}; "
                              f"the words it knows: {' '.join(self.words)}")
         ids = torch.full((len(prompts), self.cfg.text_len), self.PAD, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            words = self.split(p)
+        for row, prompt in enumerate(prompts):
+            words = self.split(prompt)
             if not 1 <= len(words) <= self.cfg.text_len:
                 raise ValueError(f"a prompt must have 1 to {self.cfg.text_len} words (text_len; longer prompts are "
-                                 f"not truncated), got {len(words)} in {p!r}")
-            ids[b, :len(words)] = torch.tensor([self.index.get(w, self.UNK) for w in words])
+                                 f"not truncated), got {len(words)} in {prompt!r}")
+            ids[row, :len(words)] = torch.tensor([self.index.get(w, self.UNK) for w in words])
         return ids.to(self.embed.weight.device)
 
     def forward(self, ids):
