@@ -145,6 +145,8 @@ def timestep_embedding(t, dim, max_period=10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 # ---- end copied primitive ----
 
+
+# ---------------------------------------------------------------------------- blocks
 def sincos_3d(T, h, w, dim, device, space_scale=1.875):
     """CogVideoX's fixed 3D sin-cos positions (N, dim) in token order (t, row, col):
     [time (dim/4) | column (3·dim/8) | row (3·dim/8)], each block [sin | cos] with
@@ -157,10 +159,12 @@ def sincos_3d(T, h, w, dim, device, space_scale=1.875):
         out = pos.to(f64)[:, None] * omega[None]  # (N, d/2)
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    ar = lambda n, s: torch.arange(n, dtype=torch.float32, device=device) / s  # noqa: E731
-    tt, rr, cc = torch.meshgrid(ar(T, 1.0), ar(h, space_scale), ar(w, space_scale), indexing="ij")  # (T, h, w)
+    frame = torch.arange(T, dtype=torch.float32, device=device)
+    row = torch.arange(h, dtype=torch.float32, device=device) / space_scale
+    col = torch.arange(w, dtype=torch.float32, device=device) / space_scale
+    frame, row, col = torch.meshgrid(frame, row, col, indexing="ij")  # (T, h, w) each
     d = 3 * dim // 8
-    return torch.cat([sincos(tt.flatten(), dim // 4), sincos(cc.flatten(), d), sincos(rr.flatten(), d)], dim=1)
+    return torch.cat([sincos(frame.flatten(), dim // 4), sincos(col.flatten(), d), sincos(row.flatten(), d)], dim=1)
 
 
 def patchify(x, p):
@@ -175,25 +179,6 @@ def unpatchify(y, cfg):
     (T, h, w), p = cfg.grid, cfg.patch
     y = y.view(y.shape[0], T, h, w, cfg.latent_ch, p, p)  # (B, T, h, w, C, p, p)
     return y.permute(0, 4, 1, 2, 5, 3, 6).reshape(y.shape[0], cfg.latent_ch, T, h * p, w * p)  # (B, C, T, H, W)
-
-
-def _check(cfg, x, t, text, sem=None):
-    """Raise a ValueError that says what fits, before torch fails somewhere deep inside."""
-    p, want = cfg.patch, (cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
-    if x.dim() != 5 or x.shape[-1] % p or x.shape[-2] % p:
-        raise ValueError(f"latents must be (B, C, T, H, W) with H, W multiples of patch {p}, got {tuple(x.shape)}")
-    if tuple(x.shape[1:]) != want:
-        raise ValueError(f"this config takes latents (B, {', '.join(map(str, want))}) = (B, latent_ch, frames, lat_h, "
-                         f"lat_w), got {tuple(x.shape)}; other sizes need dataclasses.replace(cfg, frames=…, …)")
-    B = x.shape[0]
-    if t.shape != (B,):
-        raise ValueError(f"t must be (B,) = ({B},) floats in [0, 1], got {tuple(t.shape)}")
-    if tuple(text.shape) != (B, cfg.text_len, cfg.text_dim):
-        raise ValueError(f"text must be (B, text_len, text_dim) = ({B}, {cfg.text_len}, {cfg.text_dim}) "
-                         f"(pad with zero vectors), got {tuple(text.shape)}")
-    if sem is not None and tuple(sem.shape) != (B, cfg.frames, cfg.sem_dim, *cfg.sem_hw):
-        raise ValueError(f"semantic features must be (B, frames, sem_dim, h, w) = ({B}, {cfg.frames}, {cfg.sem_dim}, "
-                         f"{cfg.sem_hw[0]}, {cfg.sem_hw[1]}), got {tuple(sem.shape)}")
 
 
 class Embed(nn.Module):
@@ -213,7 +198,7 @@ class Embed(nn.Module):
         if key not in self._pos:
             self._pos[key] = sincos_3d(*self.cfg.grid, self.cfg.width, x.device).to(x.dtype)
         vid = self.patch(patchify(x, self.cfg.patch)) + self._pos[key]  # (B, N, D)
-        emb = timestep_embedding(1000 * t, self.cfg.width).to(x.dtype)  # (B, D): DDPM's 0..1000 range
+        emb = timestep_embedding(1000 * t.float(), self.cfg.width).to(x.dtype)  # (B, D): DDPM's 0..1000 range, fp32
         return self.text(text), vid, self.time2(F.silu(self.time1(emb)))  # (B, L, D), (B, N, D), (B, time_dim)
 
 
@@ -229,13 +214,18 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        D, self.heads, self.impl = cfg.width, cfg.heads, cfg.attn_impl
-        self.norm1, self.ada1 = nn.LayerNorm(D), nn.Linear(cfg.time_dim, 6 * D)
-        self.q, self.k, self.v, self.out = (nn.Linear(D, D) for _ in range(4))
+        D = cfg.width
+        self.heads = cfg.heads
+        self.impl = cfg.attn_impl
+        self.norm1 = nn.LayerNorm(D)
+        self.ada1 = nn.Linear(cfg.time_dim, 6 * D)  # attention's adaLN: shift, scale, gate for video and for text
+        self.q, self.k, self.v, self.out = (nn.Linear(D, D) for _ in range(4))  # the four projections
         # LayerNorm on q and k per head keeps attention logits bounded in a deep bf16 model
-        self.q_norm, self.k_norm = nn.LayerNorm(D // cfg.heads, eps=1e-6), nn.LayerNorm(D // cfg.heads, eps=1e-6)
-        self.norm2, self.ada2 = nn.LayerNorm(D), nn.Linear(cfg.time_dim, 6 * D)
-        self.fc1, self.fc2 = nn.Linear(D, cfg.mlp), nn.Linear(cfg.mlp, D)
+        self.q_norm, self.k_norm = (nn.LayerNorm(D // cfg.heads, eps=1e-6) for _ in range(2))
+        self.norm2 = nn.LayerNorm(D)
+        self.ada2 = nn.Linear(cfg.time_dim, 6 * D)  # the MLP's adaLN
+        self.fc1 = nn.Linear(D, cfg.mlp)
+        self.fc2 = nn.Linear(cfg.mlp, D)
 
     def forward(self, txt, vid, emb):
         L = txt.shape[1]
@@ -251,35 +241,6 @@ class Block(nn.Module):
         return txt + g_txt * m[:, :L], vid + g_vid * m[:, L:]
 
 
-class DiT(nn.Module):
-    """The base text-to-video DiT (CogVideoX-2B shape). forward(x, t, text, control) -> v, same shape as x;
-    control[i] (B, S, D), from ControlNet, is added to all tokens after block i."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embed(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm_final, self.norm_out = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
-        self.ada_out = nn.Linear(cfg.time_dim, 2 * cfg.width)  # final adaLN: shift, scale
-        self.proj_out = nn.Linear(cfg.width, cfg.patch**2 * cfg.latent_ch)
-        initialize_weights(self)
-
-    def forward(self, x, t, text, control=None):
-        _check(self.cfg, x, t, text)
-        if control is not None and len(control) > self.cfg.depth:
-            raise ValueError(f"control has {len(control)} residuals, the DiT has only {self.cfg.depth} blocks")
-        L = text.shape[1]
-        txt, vid, emb = self.embed(x, t, text)  # (B, L, D), (B, N, D), (B, time_dim)
-        for i, block in enumerate(self.blocks):
-            txt, vid = block(txt, vid, emb)
-            if control is not None and i < len(control):
-                txt, vid = txt + control[i][:, :L], vid + control[i][:, L:]  # all tokens, as the release
-        shift, scale = self.ada_out(F.silu(emb))[:, None].chunk(2, dim=-1)  # each (B, 1, D)
-        vid = self.norm_out(self.norm_final(vid)) * (1 + scale) + shift  # CogVideoX normalises twice
-        return unpatchify(self.proj_out(vid), self.cfg)  # (B, N, p·p·C) -> (B, C, T, H, W)
-
-
 def group_norm(c):
     """VQGAN's GroupNorm(32); a tiny upsampler with fewer than 32 channels gets one group per channel."""
     return nn.GroupNorm(min(32, c), c, eps=1e-6)
@@ -290,8 +251,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
@@ -315,6 +278,65 @@ def semantic_upsampler(cfg):
     return nn.Sequential(*layers)
 
 
+# ---------------------------------------------------------------------------- the models
+def _default_init(model):
+    """The default init of DiT and ControlNet (DiT's initialize_weights): Xavier-uniform linears with zero
+    biases; the time MLP N(0, 0.02)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.embed.time1.weight, std=0.02)
+    nn.init.normal_(model.embed.time2.weight, std=0.02)
+
+
+def _zero(module):
+    for p in module.parameters():
+        nn.init.zeros_(p)
+
+
+class DiT(nn.Module):
+    """The base text-to-video DiT (CogVideoX-2B shape). forward(x, t, text, control) -> v, same shape as x;
+    control[i] (B, S, D), from ControlNet, is added to all tokens after block i."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_final = nn.LayerNorm(cfg.width)
+        self.norm_out = nn.LayerNorm(cfg.width)
+        self.ada_out = nn.Linear(cfg.time_dim, 2 * cfg.width)  # final adaLN: shift, scale
+        self.proj_out = nn.Linear(cfg.width, cfg.patch**2 * cfg.latent_ch)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Every initialisation of the DiT, DiT-style: the defaults, then each zero-init with its reason."""
+        _default_init(self)
+        # adaLN-Zero (DiT): each block's shift, scale and gate start at 0, so every block starts as the identity
+        for block in self.blocks:
+            _zero(block.ada1)
+            _zero(block.ada2)
+        # the final adaLN and output projection start at 0: an untrained DiT predicts v = 0
+        _zero(self.ada_out)
+        _zero(self.proj_out)
+
+    def forward(self, x, t, text, control=None):
+        _check(self.cfg, x, t, text)
+        if control is not None and len(control) > self.cfg.depth:
+            raise ValueError(f"control has {len(control)} residuals, the DiT has only {self.cfg.depth} blocks")
+        L = text.shape[1]
+        txt, vid, emb = self.embed(x, t, text)  # (B, L, D), (B, N, D), (B, time_dim)
+        for i, block in enumerate(self.blocks):
+            txt, vid = block(txt, vid, emb)
+            if control is not None and i < len(control):
+                txt, vid = txt + control[i][:, :L], vid + control[i][:, L:]  # all tokens, as the release
+        shift, scale = self.ada_out(F.silu(emb))[:, None].chunk(2, dim=-1)  # each (B, 1, D)
+        vid = self.norm_out(self.norm_final(vid)) * (1 + scale) + shift  # CogVideoX normalises twice
+        return unpatchify(self.proj_out(vid), self.cfg)  # (B, N, p·p·C) -> (B, C, T, H, W)
+
+
 class ControlNet(nn.Module):
     """The trainable branch: its own embeddings and control_depth blocks (copies of the base's first
     blocks, see from_dit), a zero linear Z_i after block i, and the semantic path. forward(x, t, text, sem)
@@ -327,8 +349,20 @@ class ControlNet(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.control_depth))
         self.zero = nn.ModuleList(nn.Linear(cfg.width, cfg.width, bias=False) for _ in range(cfg.control_depth))
         self.upsampler = semantic_upsampler(cfg)
-        self.hint_out = nn.Conv2d(cfg.sem_ch, cfg.latent_ch, 3, padding=1)  # zero-initialised
-        initialize_weights(self)
+        self.hint_out = nn.Conv2d(cfg.sem_ch, cfg.latent_ch, 3, padding=1)  # ControlNet's zero conv
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """As DiT's (the upsampler's convolutions keep PyTorch's init); from_dit then copies the base in."""
+        _default_init(self)
+        # adaLN-Zero, as in the base: each block starts as the identity
+        for block in self.blocks:
+            _zero(block.ada1)
+            _zero(block.ada2)
+        # ControlNet's zero linears and zero conv: the fresh branch adds exactly 0 to the base
+        for zero in self.zero:
+            _zero(zero)
+        _zero(self.hint_out)
 
     @classmethod
     def from_dit(cls, dit):
@@ -362,82 +396,68 @@ class ControlNet(nn.Module):
         return outs
 
 
-def initialize_weights(model):
-    """Every initialisation in one place. Linears: Xavier, zero bias; time MLP: N(0, 0.02) (DiT).
-    The zero-inits make each new part start as the identity of what it is added to."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    nn.init.normal_(model.embed.time1.weight, std=0.02)
-    nn.init.normal_(model.embed.time2.weight, std=0.02)
-    zero = [b.ada1 for b in model.blocks] + [b.ada2 for b in model.blocks]  # adaLN-Zero: gates 0, blocks = identity
-    if isinstance(model, DiT):
-        zero += [model.ada_out, model.proj_out]  # an untrained DiT predicts v = 0
-    else:
-        zero += list(model.zero) + [model.hint_out]  # the branch adds exactly 0 to the base (ControlNet)
-    for m in zero:
-        for p in m.parameters():
-            nn.init.zeros_(p)
-
-
+# ---------------------------------------------------------------------------- loss
 def _draw(fn, shape, generator, device):
     """torch.randn/rand on the generator's device (so a CPU generator works with CUDA data), then moved."""
     return fn(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
 
 
-def sample_t(n, shift=1.0, generator=None, device=None):
-    """n training times: logit-normal t = sigmoid(u), u ~ N(0, 1), which favours the middle of the path
-    (SD3); then shifted towards noise, t -> shift·t / (1 + (shift − 1)·t), because more pixels
-    (tokens) keep more signal at the same noise level (SD3)."""
-    t = torch.sigmoid(_draw(torch.randn, (n,), generator, device))
+def shift_time(t, shift):
+    """SD3's resolution shift t -> shift·t / (1 + (shift − 1)·t): it moves times towards the noise end,
+    because more pixels (tokens) keep more signal at the same noise level. Training and sampling both use it."""
     return shift * t / (1 + (shift - 1) * t)
 
 
+def sample_t(n, shift=1.0, generator=None, device=None):
+    """n training times (fp32): logit-normal t = sigmoid(u), u ~ N(0, 1), which favours the middle of the
+    path (SD3), then shifted (shift_time)."""
+    return shift_time(torch.sigmoid(_draw(torch.randn, (n,), generator, device)), shift)
+
+
 def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
-    """Flow-matching loss ‖model(x_t, t) − (ε − x0)‖² (the time convention is in the module docstring).
-    In training mode (of the trained model: the branch if given, else the DiT) each sample's text is
-    replaced by zeros with probability cfg.p_uncond, for CFG. prefix > 0 holds the first prefix latent
-    frames clean (x_t = x0 there) and leaves them out of the loss: the streaming continuation task.
-    To train only the branch, freeze the base first with dit.requires_grad_(False): gradients still flow
-    through the base into the branch."""
+    """Flow-matching loss ‖model(x_t, t) − (ε − x0)‖² -> one scalar (the time convention is in the module
+    docstring). In training mode (of the trained model: the branch if given, else the DiT) each sample's
+    text is replaced by the unconditional text with probability cfg.p_uncond, for CFG. prefix > 0 holds the
+    first prefix latent frames clean (x_t = x0 there) and leaves them out of the loss: the streaming
+    continuation task. To train only the branch, freeze the base first with dit.requires_grad_(False):
+    gradients still flow through the base into the branch."""
     cfg = dit.cfg
-    if (controlnet is None) != (sem is None):
-        raise ValueError("pass controlnet and sem together (or neither)")
-    if not 0 <= prefix < cfg.frames:
-        raise ValueError(f"prefix must be in 0..frames-1 (0..{cfg.frames - 1}), got {prefix}")
+    _check_method(cfg, controlnet, sem, prefix)
     B = x0.shape[0]
-    t = sample_t(B, cfg.shift, generator, x0.device).to(x0.dtype)  # (B,)
+    t = sample_t(B, cfg.shift, generator, x0.device)  # (B,), fp32: the time embedding sees it unrounded
     noise = _draw(torch.randn, x0.shape, generator, x0.device).to(x0.dtype)  # (B, C, T, H, W)
-    tt = t.view(B, 1, 1, 1, 1)
-    xt = (1 - tt) * x0 + tt * noise
+    t_frames = t.view(B, 1, 1, 1, 1)
+    xt = ((1 - t_frames) * x0 + t_frames * noise).to(x0.dtype)
     xt[:, :, :prefix] = x0[:, :, :prefix]  # streaming: continue from clean frames
     if (controlnet if controlnet is not None else dit).training and cfg.p_uncond > 0:
         drop = _draw(torch.rand, (B,), generator, x0.device) < cfg.p_uncond
-        text = text.masked_fill(drop[:, None, None], 0.0)  # the unconditional text is all zeros
+        # The unconditional text is all zeros. CogVideoX's is the T5 encoding of the empty prompt; with no
+        # frozen text encoder to ask (the tiny one trains with the LM) zeros stand in for it. The LM's
+        # unconditional text is a learned null vector instead (lm.py, the release LM).
+        text = text.masked_fill(drop[:, None, None], 0.0)
     control = controlnet(xt, t, text, sem) if controlnet is not None else None
     v = dit(xt, t, text, control)
     return F.mse_loss(v[:, :, prefix:], (noise - x0)[:, :, prefix:])
 
 
+# ---------------------------------------------------------------------------- sampling
+def _twice(x):
+    """The batch twice, for the conditional and unconditional rows of CFG (None stays None)."""
+    return None if x is None else torch.cat([x, x])
+
+
 @torch.no_grad()
-def euler_sample(dit, noise, text, steps=25, cfg_scale=1.0, controlnet=None, sem=None, prefix=None, progress=None):
+def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=None, prefix=None, progress=None):
     """Integrate dx/dt = v from t = 1 (noise) to 0 in `steps` Euler steps on the shifted time grid.
-    CFG on v: v_u + s·(v_c − v_u), conditional and unconditional (zero text, same semantics) in one batch.
-    prefix (B, C, p, H, W): clean latent frames written into the first p frames before every model call and
-    into the result (streaming). progress(i, steps) is called after step i (1-based), e.g. to move a bar."""
-    cfg, B = dit.cfg, noise.shape[0]
-    if (controlnet is None) != (sem is None):
-        raise ValueError("pass controlnet and sem together (or neither)")
-    p = 0 if prefix is None else prefix.shape[2]
-    if prefix is not None and (prefix.dim() != 5 or not 0 < p < cfg.frames or prefix.shape[:2] != noise.shape[:2]
-                               or prefix.shape[3:] != noise.shape[3:]):
-        raise ValueError(f"prefix must be (B, C, p, H, W) = {(B, noise.shape[1], 'p', *noise.shape[3:])} with "
-                         f"0 < p < frames ({cfg.frames}), got {tuple(prefix.shape)}")
+    CFG on v: v_u + guidance·(v_c − v_u), conditional and unconditional (zero text as in fm_loss, the same
+    semantics) rows in one batch. prefix (B, C, p, H, W): clean latent frames written into the first p
+    frames before every model call and into the result (streaming). progress(i, steps) is called after
+    step i (1-based), e.g. to move a bar. The times stay fp32 whatever the model's dtype."""
+    B = noise.shape[0]
+    n_prefix = 0 if prefix is None else prefix.shape[2]
+    _check_method(dit.cfg, controlnet, sem, n_prefix, steps, guidance, noise, prefix)
     hint = controlnet.hint(sem) if controlnet is not None else None  # the semantics do not change over steps
-    ts = torch.linspace(1, 0, steps + 1, device=noise.device)
-    ts = cfg.shift * ts / (1 + (cfg.shift - 1) * ts)  # same shift as training: more steps near the noise end
+    times = shift_time(torch.linspace(1, 0, steps + 1, device=noise.device), dit.cfg.shift)  # (steps + 1,) fp32
 
     def velocity(x, t, text, hint):
         control = controlnet(x, t, text, hint=hint) if controlnet is not None else None
@@ -445,23 +465,57 @@ def euler_sample(dit, noise, text, steps=25, cfg_scale=1.0, controlnet=None, sem
 
     x = noise.clone()
     for i in range(steps):
-        if p:
-            x[:, :, :p] = prefix
-        t = ts[i].expand(B).to(x.dtype)
-        if cfg_scale == 1:
+        if n_prefix:
+            x[:, :, :n_prefix] = prefix
+        t = times[i].expand(B)  # (B,) fp32
+        if guidance == 1:
             v = velocity(x, t, text, hint)
         else:
-            two = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
-            v_c, v_u = velocity(two(x), two(t), torch.cat([text, torch.zeros_like(text)]), two(hint)).chunk(2)
-            v = v_u + cfg_scale * (v_c - v_u)
-        x = x + (ts[i + 1] - ts[i]) * v
+            v_c, v_u = velocity(_twice(x), _twice(t), torch.cat([text, torch.zeros_like(text)]), _twice(hint)).chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        x = x + (times[i + 1] - times[i]) * v
         if progress is not None:
             progress(i + 1, steps)
-    if p:
-        x[:, :, :p] = prefix
+    if n_prefix:
+        x[:, :, :n_prefix] = prefix
     return x
 
 
+# ---------------------------------------------------------------------------- checks
+def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0, noise=None, prefix=None):
+    """The arguments of fm_loss and euler_sample."""
+    if (controlnet is None) != (sem is None):
+        raise ValueError("pass controlnet and sem together (or neither)")
+    if not 0 <= n_prefix < cfg.frames:
+        raise ValueError(f"prefix must be in 0..frames-1 (0..{cfg.frames - 1}), got {n_prefix}")
+    if not (isinstance(steps, int) and steps >= 1) or guidance < 0:
+        raise ValueError(f"steps must be an int >= 1 and guidance >= 0 (1: none), got {steps!r}, {guidance}")
+    if prefix is not None and (prefix.dim() != 5 or not 0 < n_prefix or prefix.shape[:2] != noise.shape[:2]
+                               or prefix.shape[3:] != noise.shape[3:]):
+        raise ValueError(f"prefix must be (B, C, p, H, W) = {(*noise.shape[:2], 'p', *noise.shape[3:])} with "
+                         f"0 < p < frames ({cfg.frames}), got {tuple(prefix.shape)}")
+
+
+def _check(cfg, x, t, text, sem=None):
+    """Raise a ValueError that says what fits, before torch fails somewhere deep inside."""
+    p, want = cfg.patch, (cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
+    if x.dim() != 5 or x.shape[-1] % p or x.shape[-2] % p:
+        raise ValueError(f"latents must be (B, C, T, H, W) with H, W multiples of patch {p}, got {tuple(x.shape)}")
+    if tuple(x.shape[1:]) != want:
+        raise ValueError(f"this config takes latents (B, {', '.join(map(str, want))}) = (B, latent_ch, frames, lat_h, "
+                         f"lat_w), got {tuple(x.shape)}; other sizes need dataclasses.replace(cfg, frames=…, …)")
+    B = x.shape[0]
+    if t.shape != (B,):
+        raise ValueError(f"t must be (B,) = ({B},) floats in [0, 1], got {tuple(t.shape)}")
+    if tuple(text.shape) != (B, cfg.text_len, cfg.text_dim):
+        raise ValueError(f"text must be (B, text_len, text_dim) = ({B}, {cfg.text_len}, {cfg.text_dim}) "
+                         f"(pad with zero vectors), got {tuple(text.shape)}")
+    if sem is not None and tuple(sem.shape) != (B, cfg.frames, cfg.sem_dim, *cfg.sem_hw):
+        raise ValueError(f"semantic features must be (B, frames, sem_dim, h, w) = ({B}, {cfg.frames}, {cfg.sem_dim}, "
+                         f"{cfg.sem_hw[0]}, {cfg.sem_hw[1]}), got {tuple(sem.shape)}")
+
+
+# ---------------------------------------------------------------------------- demo
 def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
@@ -484,7 +538,7 @@ if __name__ == "__main__":
         v = dit(x, t, text, ctrl(x, t, text, sem))
     print(f"tiny: latents {tuple(x.shape)} text {tuple(text.shape)} sem {tuple(sem.shape)} -> v {tuple(v.shape)} "
           f"({cfg.tokens} video + {cfg.text_len} text tokens, {1e3 * (time.perf_counter() - t0):.1f} ms)")
-    out = euler_sample(dit, x, text, steps=4, cfg_scale=3.0, controlnet=ctrl, sem=sem, prefix=x[:, :, :cfg.prefix])
+    out = euler_sample(dit, x, text, steps=4, guidance=3.0, controlnet=ctrl, sem=sem, prefix=x[:, :, :cfg.prefix])
     print(f"tiny: 4 Euler steps with CFG 3 and a {cfg.prefix}-frame prefix -> {tuple(out.shape)}")
     for name, c in PRESETS.items():
         with torch.device("meta"):

@@ -9,7 +9,7 @@ guidance; wherever the layout needs a structure token it is forced, never sample
 
 Pipeline: prompt -> TextEncoder (tiny) / T5-XXL (full) -> text (B, L, text_dim) -> SemanticLM,
           generate -> codes (B, n_seg * tokens_per_segment) -> tokenizer decoder.
-The sequence (SPEC §4); a second segment repeats everything from [SOI] on, before the one [EOS]:
+The sequence (docs/DESIGN.md §4); a second segment repeats everything from [SOI] on, before the one [EOS]:
     [BOS] [frames] [motion] [text x L] [SOI] n_i codes [EOI] ([SOP] n_p codes [EOP]) x (frames-1) [EOS]
 [frames], [motion] and the text slots are vectors, not ids; the loss covers SOI and every id after it.
 
@@ -30,10 +30,11 @@ Differences from the release, on purpose:
 - No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no
   motion-score head, no chunked cross-entropy, no autocast inside the module.
 - The tiny preset has its own word-level TextEncoder, trained with the LM (release: frozen
-  Flan-T5-XXL; loading T5 is out of scope here).
+  Flan-T5-XXL; loading T5 is out of scope here); the full preset's StandInText has T5's shape only.
 """
 import math
 import re
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,7 @@ PRESETS = {
     "tiny": LMConfig(),  # SemanticLM 1,439,616 params; TextEncoder 328,320 + 128 per vocabulary word
     "full": LMConfig(codebook_size=2048, n_i=330, n_p=74, frames=13, width=2048, depth=24, heads=16, mlp=11008,
                      text_dim=4096, text_len=512, micro_hidden=512, frames_max=128, motion_max=10.0),  # limits: ours
-    # SemanticLM 2,049,321,984 params (SPEC §4: 2.05 B); the text comes from T5-XXL, not included
+    # SemanticLM 2,049,321,984 params (docs/DESIGN.md §4: 2.05 B); the text comes from T5-XXL, not included
 }
 
 
@@ -158,9 +159,7 @@ def timestep_embedding(t, dim, max_period=10000.0):
 # ---- end copied primitive ----
 
 
-# ---------------------------------------------------------------------------- pieces
-
-
+# ---------------------------------------------------------------------------- blocks
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (Zhang & Sennrich, arXiv 1910.07467; Llama's norm)."""
 
@@ -182,7 +181,8 @@ class Block(nn.Module):
 
     def __init__(self, width, heads, mlp, eps, attn_impl):
         super().__init__()
-        self.heads, self.attn_impl = heads, attn_impl
+        self.heads = heads
+        self.attn_impl = attn_impl
         self.norm1 = RMSNorm(width, eps)
         self.qkv = nn.Linear(width, 3 * width, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(width, width, bias=False)
@@ -220,13 +220,12 @@ def _normal_init(module):
             nn.init.zeros_(m.bias)
 
 
-# ---------------------------------------------------------------------------- the tiny text encoder
-
-
+# ---------------------------------------------------------------------------- the models
 class TextEncoder(nn.Module):
     """The tiny preset's text encoder, trained with the LM; its output also conditions the tiny DiT.
-    Prompts are lower-cased and split into words, punctuation dropped (words, not bytes: a byte-level
-    prototype learned far too slowly on this CPU, SPEC §0); ids PAD = 0, UNK = 1, words[i] = i + 2.
+    Prompts are lower-cased and split into words, punctuation dropped (words, not bytes: a table of the
+    captions' few dozen words is learned in far fewer steps, docs/DESIGN.md §0); ids PAD = 0, UNK = 1,
+    words[i] = i + 2.
     The word list is saved in the state_dict as "_extra_state" (a list of str, fine for
     torch.load(weights_only=True)). Restore: enc = TextEncoder(cfg, sd["_extra_state"]); enc.load_state_dict(sd)"""
 
@@ -240,11 +239,13 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.text_dim, cfg.text_heads, cfg.text_mlp, cfg.norm_eps, cfg.attn_impl)
                                     for _ in range(cfg.text_depth))
         self.norm = RMSNorm(cfg.text_dim, cfg.norm_eps)
-        _normal_init(self)
-        # Word embeddings start at unit scale, not GPT's 0.02: each word then stays visible in the residual
-        # stream next to what the blocks add. At 0.02 the blocks' output swamped it, and early in training,
-        # when colour words pay off first, the encoder learned to drop the direction words (left and right
-        # came out 1.6% apart) and never recovered: the LM's clips moved at random (25% right vs 99%).
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        _normal_init(self)  # as the LM's, then:
+        # Word embeddings start at unit scale, not GPT's 0.02, so each word stays visible in the residual
+        # stream beside what the blocks add. At 0.02 the blocks' output swamps the words; the words that pay
+        # off first (colours) are then kept and the later ones (directions) can be dropped for good.
         nn.init.normal_(self.embed.weight, std=1.0)
 
     @staticmethod
@@ -266,16 +267,20 @@ class TextEncoder(nn.Module):
         self.words = list(words)
         self.index = {w: i + 2 for i, w in enumerate(self.words)}
 
-    def tokenize(self, prompts):
-        """list of B prompts -> ids (B, text_len), PAD after the last word. No truncation: a prompt
-        longer than text_len words is an error."""
+    def tokenize(self, prompts, strict=False):
+        """list of B prompts -> ids (B, text_len), PAD after the last word. No truncation: a prompt longer
+        than text_len words is an error. A word the encoder never saw is UNK, or with strict=True an error."""
+        unknown = sorted({w for prompt in prompts for w in self.split(prompt)} - set(self.index))
+        if strict and unknown:
+            raise ValueError(f"the text encoder never saw {', '.join(unknown)}; "
+                             f"the words it knows: {' '.join(self.words)}")
         ids = torch.full((len(prompts), self.cfg.text_len), self.PAD, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            words = self.split(p)
+        for row, prompt in enumerate(prompts):
+            words = self.split(prompt)
             if not 1 <= len(words) <= self.cfg.text_len:
                 raise ValueError(f"a prompt must have 1 to {self.cfg.text_len} words (text_len; longer prompts are "
-                                 f"not truncated), got {len(words)} in {p!r}")
-            ids[b, :len(words)] = torch.tensor([self.index.get(w, self.UNK) for w in words])
+                                 f"not truncated), got {len(words)} in {prompt!r}")
+            ids[row, :len(words)] = torch.tensor([self.index.get(w, self.UNK) for w in words])
         return ids.to(self.embed.weight.device)
 
     def forward(self, ids):
@@ -289,7 +294,25 @@ class TextEncoder(nn.Module):
         return self.norm(x) * real[..., None]
 
 
-# ---------------------------------------------------------------------------- the language model
+class StandInText(nn.Module):
+    """The full preset's text: T5-XXL is not included, so per prompt seeded random features of T5's shape
+    (seed: crc32 of the prompt), zero after its words + T5's end token, like padded T5 output."""
+
+    def __init__(self, dim, length):
+        super().__init__()
+        self.dim = dim
+        self.length = length
+
+    def tokenize(self, prompts, strict=False):  # the prompts themselves are the input; any word is allowed
+        return list(prompts)
+
+    def forward(self, prompts):
+        out = torch.zeros(len(prompts), self.length, self.dim)  # (B, L, dim)
+        for row, prompt in enumerate(prompts):
+            n_real = min(len(prompt.split()) + 1, self.length)
+            seeded = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+            out[row, :n_real] = torch.randn(n_real, self.dim, generator=seeded)
+        return out
 
 
 class SemanticLM(nn.Module):
@@ -302,18 +325,20 @@ class SemanticLM(nn.Module):
         W = cfg.width
         self.embed = nn.Embedding(cfg.vocab_size, W)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
-        self.null_text = nn.Parameter(torch.empty(W))  # stands in for every projected text slot (CFG)
+        # The unconditional text of CFG: a learned null vector in every projected text slot, as the release LM
+        # (docs/DESIGN.md §4). The DiT's is the encoding of the empty prompt in CogVideoX, zeros here (diffusion.py).
+        self.null_text = nn.Parameter(torch.empty(W))
         self.micro = nn.ModuleDict({k: nn.Sequential(nn.Linear(cfg.micro_dim, cfg.micro_hidden), nn.SiLU(),
                                                      nn.Linear(cfg.micro_hidden, W)) for k in ("frames", "motion")})
         self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp, cfg.norm_eps, cfg.attn_impl) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W)
         self.head = nn.Linear(W, cfg.vocab_size, bias=False)
-        self.initialize_weights()
         self._rope = None  # (cos, sin) table, grown on demand; not a buffer, so meta-safe and out of the state_dict
+        self.initialize_weights()
 
     def initialize_weights(self):
         _normal_init(self)
-        nn.init.normal_(self.null_text, std=self.cfg.width ** -0.5)  # release: randn(W) / sqrt(W)
+        nn.init.normal_(self.null_text, std=self.cfg.width ** -0.5)  # the null text: randn(W) / sqrt(W), as the release
         # Zero-init: the last layer of each micro-condition MLP. The [frames] and [motion] slots start as
         # zero vectors, so at init the conditions change nothing and their influence is learned (DiT-style).
         for mlp in self.micro.values():
@@ -322,8 +347,10 @@ class SemanticLM(nn.Module):
 
     def new_cache(self, batch, length):
         """An empty KV cache for `length` positions: (depth, 2, B, H, length, D), allocated once."""
-        c, w = self.cfg, self.head.weight
-        return torch.empty(c.depth, 2, batch, c.heads, length, c.width // c.heads, dtype=w.dtype, device=w.device)
+        cfg = self.cfg
+        weight = self.head.weight
+        return torch.empty(cfg.depth, 2, batch, cfg.heads, length, cfg.width // cfg.heads, dtype=weight.dtype,
+                           device=weight.device)
 
     def forward(self, x, cache=None, start=0):
         """x (B, N, W) input embeddings at positions start..start+N-1 -> logits (B, N, V).
@@ -349,29 +376,27 @@ class SemanticLM(nn.Module):
         0..1000), so raw motion scores 0.5..1.25 would turn only the first few channels, by under a
         radian. Each value is mapped linearly from its allowed range onto [0, 1000] instead; then
         motion 0.5 vs 0.51 (or frames 5 vs 6) differ by several units, i.e. radians in the fast channels."""
-        c, out = self.cfg, []
-        for name, v, lo, hi in (("frames", frames, 1, c.frames_max), ("motion", motion, 0.0, c.motion_max)):
-            if ((v < lo) | (v > hi)).any():
-                raise ValueError(f"{name} must lie in [{lo}, {hi}], got {v.tolist()}")
-            t = 1000.0 * (v.float() - lo) / (hi - lo)  # (B,) in [0, 1000]
-            out.append(self.micro[name](timestep_embedding(t, c.micro_dim).to(self.head.weight.dtype)))  # (B, W)
-        return torch.stack(out, dim=1)  # (B, 2, W)
+        cfg = self.cfg
+        slots = []
+        for name, value, lo, hi in (("frames", frames, 1, cfg.frames_max), ("motion", motion, 0.0, cfg.motion_max)):
+            _check_range(name, value, lo, hi)
+            t = 1000.0 * (value.float() - lo) / (hi - lo)  # (B,) in [0, 1000]
+            slots.append(self.micro[name](timestep_embedding(t, cfg.micro_dim).to(self.head.weight.dtype)))
+        return torch.stack(slots, dim=1)  # (B, 2, W)
 
     def prefix(self, text, frames, motion, keep=None):
         """Embeddings of [BOS][frames][motion][text x L][SOI]: (B, L + 4, W).
 
         text (B, L, text_dim) with 1 <= L <= text_len; frames, motion (B,) tensors or numbers;
         keep (B,) bool: where False the text slots hold the learned null vector instead (CFG)."""
-        c = self.cfg
-        if text.dim() != 3 or text.shape[-1] != c.text_dim or not 1 <= text.shape[1] <= c.text_len:
-            raise ValueError(f"text must be (B, L, {c.text_dim}) with 1 <= L <= text_len = {c.text_len}, "
-                             f"got {tuple(text.shape)}")
-        B, L, _ = text.shape
-        frames, motion = _per_sample(frames, "frames", B, text.device), _per_sample(motion, "motion", B, text.device)
+        _check_text(self.cfg, text)
+        B = text.shape[0]
+        frames = _per_sample(frames, "frames", B, text.device)
+        motion = _per_sample(motion, "motion", B, text.device)
         txt = self.text_proj(text.to(self.head.weight.dtype))  # (B, L, W)
         if keep is not None:
             txt = torch.where(keep[:, None, None], txt, self.null_text)
-        ends = self.embed(torch.tensor([c.BOS, c.SOI], device=text.device)).expand(B, 2, -1)  # (B, 2, W)
+        ends = self.embed(torch.tensor([self.cfg.BOS, self.cfg.SOI], device=text.device)).expand(B, 2, -1)  # (B, 2, W)
         return torch.cat([ends[:, :1], self.micro_embed(frames, motion), txt, ends[:, 1:]], dim=1)
 
 
@@ -383,49 +408,31 @@ def token_layout(cfg, n_segments, device=None):
     return torch.tensor(seg + ([cfg.SOI] + seg) * (n_segments - 1) + [cfg.EOS], device=device)
 
 
-def _per_sample(v, name, B, device):
-    """A number or a (B,) tensor -> (B,) tensor."""
-    v = torch.as_tensor(v, device=device)
-    if v.shape not in ((), (B,)):
-        raise ValueError(f"{name} must be a number or a ({B},) tensor (one per sample), got shape {tuple(v.shape)}")
-    return v.expand(B)
-
-
-def _check_codes(cfg, codes, what):
-    tps = cfg.tokens_per_segment
-    if codes.dim() != 2 or codes.shape[1] == 0 or codes.shape[1] % tps:
-        raise ValueError(f"{what} must be (B, n_segments * tokens_per_segment) with tokens_per_segment = {tps}, "
-                         f"got {tuple(codes.shape)}")
-    if codes.min() < 0 or codes.max() >= cfg.codebook_size:
-        raise ValueError(f"{what} must be codebook ids in [0, {cfg.codebook_size}), got [{codes.min()}, {codes.max()}]")
-    return codes.shape[1] // tps
-
-
-# ---------------------------------------------------------------------------- loss and sampling
-
-
+# ---------------------------------------------------------------------------- loss
 def lm_loss(model, codes, text, frames, motion):
     """Next-token cross-entropy on SOI and every id after it (codes and structure tokens), none on
-    the prefix. codes (B, n_seg * tokens_per_segment); text (B, L, text_dim); frames, motion (B,).
-    In training mode each sample's text is replaced by the null vector with p = cfg.p_uncond."""
-    cfg, B = model.cfg, codes.shape[0]
+    the prefix -> one scalar. codes (B, n_seg * tokens_per_segment); text (B, L, text_dim); frames, motion
+    (B,). In training mode each sample's text is replaced by the null vector with p = cfg.p_uncond."""
+    cfg = model.cfg
+    B = codes.shape[0]
     layout = token_layout(cfg, _check_codes(cfg, codes, "codes"), codes.device)  # (S,)
     tokens = layout.expand(B, -1).clone()
     tokens[:, layout < 0] = codes  # (B, S): the full stream after the first SOI
     keep = torch.rand(B, device=codes.device) >= cfg.p_uncond if model.training else None
     prefix = model.prefix(text, frames, motion, keep)  # (B, P, W), ends with SOI
-    P = prefix.shape[1]
-    x = torch.cat([prefix, model.embed(tokens[:, :-1])], dim=1)  # (B, P + S - 1, W): EOS is only a target
-    logits = model(x)[:, P - 2:]  # (B, S + 1, V): the predictions of SOI and of every id after it
+    n_prefix = prefix.shape[1]
+    x = torch.cat([prefix, model.embed(tokens[:, :-1])], dim=1)  # (B, n_prefix + S - 1, W): EOS is only a target
+    logits = model(x)[:, n_prefix - 2:]  # (B, S + 1, V): the predictions of SOI and of every id after it
     targets = torch.cat([torch.full_like(tokens[:, :1], cfg.SOI), tokens], dim=1)  # (B, S + 1)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def _pick(logits, cfg_scale, temperature, top_k, top_p, generator):
+# ---------------------------------------------------------------------------- sampling
+def _pick(logits, guidance, temperature, top_k, top_p, generator):
     """One code id per row from the logits (rows, V), restricted to the codebook by the caller."""
-    if cfg_scale != 1.0:  # CFG on logits, before temperature: u + s (c - u)
+    if guidance != 1.0:  # CFG on logits, before temperature: u + guidance (c - u)
         cond, uncond = logits.chunk(2)
-        logits = uncond + cfg_scale * (cond - uncond)
+        logits = uncond + guidance * (cond - uncond)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -441,80 +448,117 @@ def _pick(logits, cfg_scale, temperature, top_k, top_p, generator):
 
 
 @torch.no_grad()
-def generate(model, text, frames, motion, n_segments=1, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
+def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperature=1.0, top_k=None, top_p=None,
              generator=None, prefix_codes=None, use_cache=True, progress=None):
     """Sample n_segments new segments of codes -> (B, n_segments * tokens_per_segment).
 
     Prefill the prefix (and prefix_codes, earlier segments of the same stream, with their structure
     tokens), then one id per step. Structure tokens are forced where the layout puts them; at code
-    positions only codebook ids can be drawn. cfg_scale != 1 runs conditional and unconditional
+    positions only codebook ids can be drawn. guidance != 1 runs conditional and unconditional
     (null-text) rows in one batch. temperature 0 is greedy. use_cache=False recomputes the whole
     sequence every step (a check: same tokens for the same generator). progress(i, n), if given,
     is called after step i of n (e.g. to move a bar: stage files import no tqdm)."""
-    cfg, B, dev = model.cfg, text.shape[0], text.device
-    if not (isinstance(n_segments, int) and n_segments >= 1):
-        raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"temperature and cfg_scale must be >= 0, got {temperature}, {cfg_scale}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
-    n_old = 0 if prefix_codes is None else _check_codes(cfg, prefix_codes, "prefix_codes")
-    if prefix_codes is not None and prefix_codes.shape[0] != B:
-        raise ValueError(f"prefix_codes must have batch size {B} like text, got {prefix_codes.shape[0]}")
-    layout = token_layout(cfg, n_old + n_segments, dev)[:-1]  # (S,): EOS is never needed as an input
+    cfg = model.cfg
+    B = text.shape[0]
+    device = text.device
+    n_old = _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes)
+    layout = token_layout(cfg, n_old + n_segments, device)[:-1]  # (S,): EOS is never needed as an input
     plan = layout.tolist()
     seq = layout.expand(B, -1).clone()  # (B, S), filled in as we go
     known = n_old * (cfg.tokens_per_segment + 2 * cfg.frames)  # old segments and the next segment's SOI
     if n_old:
         seq[:, :known][:, layout[:known] < 0] = prefix_codes
 
-    rep = 1 if cfg_scale == 1.0 else 2
+    copies = 1 if guidance == 1.0 else 2  # CFG: each row twice, the second with the null text
     x = model.prefix(text, frames, motion)  # (B, P, W)
-    if rep == 2:  # CFG: the same rows again with the null text, in the same batch
-        x = torch.cat([x, model.prefix(text, frames, motion, torch.zeros(B, dtype=torch.bool, device=dev))])
-    x = torch.cat([x, model.embed(seq[:, :known].repeat(rep, 1))], dim=1)  # (rep * B, P + known, W)
+    if copies == 2:
+        x = torch.cat([x, model.prefix(text, frames, motion, torch.zeros(B, dtype=torch.bool, device=device))])
+    x = torch.cat([x, model.embed(seq[:, :known].repeat(copies, 1))], dim=1)  # (copies * B, P + known, W)
     start = x.shape[1]
     cache = model.new_cache(x.shape[0], start + len(plan) - known) if use_cache else None
-    logits = model(x, cache)[:, -1]  # (rep * B, V)
+    logits = model(x, cache)[:, -1]  # (copies * B, V)
     for i in range(known, len(plan)):
         if plan[i] < 0:
-            seq[:, i] = _pick(logits[:, :cfg.codebook_size].float(), cfg_scale, temperature, top_k, top_p, generator)
+            seq[:, i] = _pick(logits[:, :cfg.codebook_size].float(), guidance, temperature, top_k, top_p, generator)
         if progress is not None:
             progress(i + 1 - known, len(plan) - known)
         if i + 1 == len(plan):
             break
-        e = model.embed(seq[:, i:i + 1].repeat(rep, 1))  # (rep * B, 1, W)
+        latest = model.embed(seq[:, i:i + 1].repeat(copies, 1))  # (copies * B, 1, W): the id just fixed
         if use_cache:
-            logits = model(e, cache, start + i - known)[:, -1]
+            logits = model(latest, cache, start + i - known)[:, -1]
         else:
-            x = torch.cat([x, e], dim=1)
+            x = torch.cat([x, latest], dim=1)
             logits = model(x)[:, -1]
     return seq[:, known:][:, layout[known:] < 0]  # (B, n_segments * tokens_per_segment)
 
 
+# ---------------------------------------------------------------------------- checks
+def _per_sample(v, name, B, device):
+    """A number or a (B,) tensor -> (B,) tensor."""
+    v = torch.as_tensor(v, device=device)
+    if v.shape not in ((), (B,)):
+        raise ValueError(f"{name} must be a number or a ({B},) tensor (one per sample), got shape {tuple(v.shape)}")
+    return v.expand(B)
+
+
+def _check_range(name, value, lo, hi):
+    if ((value < lo) | (value > hi)).any():
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value.tolist()}")
+
+
+def _check_text(cfg, text):
+    if text.dim() != 3 or text.shape[-1] != cfg.text_dim or not 1 <= text.shape[1] <= cfg.text_len:
+        raise ValueError(f"text must be (B, L, {cfg.text_dim}) with 1 <= L <= text_len = {cfg.text_len}, "
+                         f"got {tuple(text.shape)}")
+
+
+def _check_codes(cfg, codes, what):
+    """-> the number of segments in codes (B, n_segments * tokens_per_segment)."""
+    per_segment = cfg.tokens_per_segment
+    if codes.dim() != 2 or codes.shape[1] == 0 or codes.shape[1] % per_segment:
+        raise ValueError(f"{what} must be (B, n_segments * tokens_per_segment) with tokens_per_segment = "
+                         f"{per_segment}, got {tuple(codes.shape)}")
+    if codes.min() < 0 or codes.max() >= cfg.codebook_size:
+        raise ValueError(f"{what} must be codebook ids in [0, {cfg.codebook_size}), got [{codes.min()}, {codes.max()}]")
+    return codes.shape[1] // per_segment
+
+
+def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes):
+    """generate's arguments -> the number of segments in prefix_codes."""
+    if not (isinstance(n_segments, int) and n_segments >= 1):
+        raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
+    if temperature < 0 or guidance < 0:
+        raise ValueError(f"temperature and guidance must be >= 0, got {temperature}, {guidance}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+    if prefix_codes is None:
+        return 0
+    if prefix_codes.shape[0] != B:
+        raise ValueError(f"prefix_codes must have batch size {B} like text, got {prefix_codes.shape[0]}")
+    return _check_codes(cfg, prefix_codes, "prefix_codes")
+
+
 # ---------------------------------------------------------------------------- demo
-
-
 if __name__ == "__main__":
     import time
 
     torch.manual_seed(0)
-    with torch.device("meta"):
-        full = SemanticLM(PRESETS["full"])
     cfg = PRESETS["tiny"]
     captions = ["a red circle moving left", "a blue square moves up", "green triangle going down"]
-    enc, lm = TextEncoder(cfg, TextEncoder.build_vocab(captions)), SemanticLM(cfg)
+    enc = TextEncoder(cfg, TextEncoder.build_vocab(captions))
+    lm = SemanticLM(cfg)
+    with torch.device("meta"):
+        full = SemanticLM(PRESETS["full"])
     for name, m in (("full SemanticLM (meta)", full), ("tiny SemanticLM", lm), ("tiny TextEncoder", enc)):
         print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
     text = enc(enc.tokenize(captions))  # (3, text_len, text_dim)
     codes = torch.randint(cfg.codebook_size, (3, cfg.tokens_per_segment))
     loss = lm_loss(lm, codes, text, 5, torch.tensor([0.5, 1.0, 1.25]))
-    print(f"text {tuple(text.shape)}, codes {tuple(codes.shape)}: loss at init {loss:.3f} "
-          f"(ln V = {math.log(cfg.vocab_size):.3f})")
-    t0 = time.perf_counter()
-    out = generate(lm.eval(), text, 5, 1.0, n_segments=2, cfg_scale=4.0, top_k=50,
+    print(f"loss at init {loss:.3f} (ln V = {math.log(cfg.vocab_size):.3f})")
+    start = time.perf_counter()
+    out = generate(lm.eval(), text, 5, 1.0, n_segments=2, guidance=4.0, top_k=50,
                    generator=torch.Generator().manual_seed(0))
-    n = len(token_layout(cfg, 2)) - 1
-    print(f"generate, 2 segments, CFG 4: codes {tuple(out.shape)}, {n} steps, {n / (time.perf_counter() - t0):.0f}/s")
+    print(f"generate, 2 segments, guidance 4: codes {tuple(out.shape)} in {time.perf_counter() - start:.2f}s")

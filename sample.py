@@ -11,16 +11,17 @@ and without out/full every weight is random: such a run measures time and memory
     python sample.py --prompt "a red circle moving left"        # out/tiny checkpoints -> sample.gif
     python sample.py --prompt "a cyan circle moving up" --frames 41 --out long.mp4   # 4 windows
     python sample.py --prompts-file prompts.txt --out-dir clips  # clips/0000.gif, ..., manifest.json
+    python sample.py --baseline --prompt "a red circle moving left" --out base.gif   # the base DiT alone
     python sample.py --preset full --dry-run                     # any machine: parameters, shapes, memory
     python sample.py --preset full                               # a GPU: bf16, SDPA, one stage at a time on it
 """
 import argparse
+import functools
 import json
 import os
 import tempfile
 import time
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,36 +61,11 @@ def load_checkpoint(path, stage):
     return ck
 
 
-def build(stage, ck):
-    """Rebuild a stage's module from its checkpoint (config + weights)."""
-    cfg_cls, mod_cls = STAGES[stage]
-    cfg = cfg_cls(**ck["config"])
-    m = mod_cls(cfg)
-    m.load_state_dict(ck["model"])
-    return m.eval()
-
-
-class StandInText(torch.nn.Module):
-    """T5-XXL is not included: per prompt, seeded random features of T5's shape (seed: crc32 of the
-    prompt), zero after its words + T5's end token, like padded T5 output."""
-
-    def __init__(self, dim, length):
-        super().__init__()
-        self.dim, self.length, self.tokenize = dim, length, list
-
-    def forward(self, prompts):
-        out = torch.zeros(len(prompts), self.length, self.dim)  # (B, L, dim)
-        for b, s in enumerate(prompts):
-            n = min(len(s.split()) + 1, self.length)
-            out[b, :n] = torch.randn(n, self.dim, generator=torch.Generator().manual_seed(zlib.crc32(s.encode())))
-        return out
-
-
 @dataclass
 class Pipeline:  # the trained stages; a field is None when load_pipeline was asked for fewer
     vae: "vae.VAE" = None
     tok: "tokenizer.SemanticTokenizer" = None
-    text: "lm.TextEncoder" = None  # StandInText at full size
+    text: "lm.TextEncoder" = None  # lm.StandInText at full size
     lm: "lm.SemanticLM" = None
     dit: "diffusion.DiT" = None
     control: "diffusion.ControlNet" = None
@@ -103,12 +79,14 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
 def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAGES)):
     """Load the stages' checkpoints from ckpt_dir (the LM's file also holds the text encoder)."""
     cks = {s: load_checkpoint(os.path.join(ckpt_dir, f"{s}.pt"), s) for s in stages}
-    mods = {s: build(s, ck) for s, ck in cks.items()}
+    mods = {s: STAGES[s][1](STAGES[s][0](**ck["config"])) for s, ck in cks.items()}  # module(config(...))
+    for s, ck in cks.items():
+        mods[s].load_state_dict(ck["model"])
     if "lm" in cks and "text" in cks["lm"]:  # tiny: the word-level encoder trained with the LM
         mods["text"] = lm.TextEncoder(mods["lm"].cfg, cks["lm"]["text"]["_extra_state"])
         mods["text"].load_state_dict(cks["lm"]["text"])
     elif "lm" in cks:  # full: T5 is not part of our checkpoints
-        mods["text"] = StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
+        mods["text"] = lm.StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
     p = Pipeline(**{("tok" if s == "tokenizer" else s): m for s, m in mods.items()})
     if len(stages) == len(STAGES):
         check_contracts(p)
@@ -118,12 +96,11 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
 
 
 def random_pipeline(preset, seed=0):
-    """Every stage freshly initialised from PRESETS[preset]: for --dry-run (under torch.device("meta"):
-    no memory, no arithmetic) and for a full-size run without checkpoints."""
+    """Every stage freshly initialised from PRESETS[preset]: --dry-run (on the meta device), a full run without checkpoints."""
     torch.manual_seed(seed)
     mods = {("tok" if s == "tokenizer" else s): STAGES[s][1](PRESETS[s][preset]) for s in STAGES}
-    c = mods["lm"].cfg
-    text = lm.TextEncoder(c, []) if preset == "tiny" else StandInText(c.text_dim, PRESETS["dit"][preset].text_len)
+    lm_cfg = mods["lm"].cfg
+    text = lm.TextEncoder(lm_cfg, []) if preset == "tiny" else lm.StandInText(lm_cfg.text_dim, mods["dit"].cfg.text_len)
     p = Pipeline(text=text, **mods)
     check_contracts(p)
     return p
@@ -131,139 +108,162 @@ def random_pipeline(preset, seed=0):
 
 def check_contracts(p):
     """The stages meet at three seams; a mismatch is named with both sides."""
-    t, l, d, v = p.tok.cfg, p.lm.cfg, p.dit.cfg, p.vae.cfg
-    pairs = [("LM codebook_size", l.codebook_size, "tokenizer codebook", t.codebook_size),
-             ("LM tokens per segment", l.tokens_per_segment, "tokenizer n_tokens", t.n_tokens),
-             ("DiT latent_ch", d.latent_ch, "VAE z_ch", v.z_ch), ("DiT sem_dim", d.sem_dim, "tokenizer feat_dim", t.feat_dim),
-             ("DiT window frames", d.frames, "tokenizer frames", t.frames), ("DiT text_dim", d.text_dim, "LM text_dim", l.text_dim)]
-    for a, x, b, y in pairs:
-        if x != y:
-            raise SystemExit(f"error: checkpoints disagree: {a} = {x} but {b} = {y}")
+    tok, lm_cfg, dit = p.tok.cfg, p.lm.cfg, p.dit.cfg
+    pairs = [("LM codebook_size", lm_cfg.codebook_size, "tokenizer codebook", tok.codebook_size),
+             ("LM tokens per segment", lm_cfg.tokens_per_segment, "tokenizer n_tokens", tok.n_tokens),
+             ("DiT latent_ch", dit.latent_ch, "VAE z_ch", p.vae.cfg.z_ch),
+             ("DiT sem_dim", dit.sem_dim, "tokenizer feat_dim", tok.feat_dim),
+             ("DiT window frames", dit.frames, "tokenizer frames", tok.frames),
+             ("DiT text_dim", dit.text_dim, "LM text_dim", lm_cfg.text_dim)]
+    for name, value, other_name, other_value in pairs:
+        if value != other_value:
+            raise SystemExit(f"error: checkpoints disagree: {name} = {value} but {other_name} = {other_value}")
 
 
 # ---------------------------------------------------------------------------- the pipeline
-def n_windows(p, frames):
-    """RGB frames -> number of diffusion windows (= LM segments); frames must fit the schedule."""
-    W, pre, tf = p.dit.cfg.frames, p.dit.cfg.prefix, p.vae.cfg.temporal_factor
-    stride, first = (W - pre) * tf, 1 + (W - 1) * tf  # tiny: 8 and 17; full: 24 and 49
-    last = first + (1 + (p.lm.cfg.frames_max - 1) * tf - first) // stride * stride  # the LM's `frames` limit
+def clip_windows(p, frames=None):
+    """RGB frames (None: one window, tiny 17, full 49) -> (frames, diffusion windows = LM segments)."""
+    per_latent = p.vae.cfg.temporal_factor  # RGB frames per latent frame after the first
+    stride = (p.dit.cfg.frames - p.dit.cfg.prefix) * per_latent  # RGB frames each further window adds: tiny 8
+    first = 1 + (p.dit.cfg.frames - 1) * per_latent
+    last = first + (1 + (p.lm.cfg.frames_max - 1) * per_latent - first) // stride * stride  # the LM's `frames` limit
+    frames = first if frames is None else frames
     if not first <= frames <= last or (frames - first) % stride:
         raise ValueError(f"frames must be {first} + {stride}k ({first}, {first + stride}, ..., {last}), got {frames}")
-    return 1 + (frames - first) // stride
+    return frames, 1 + (frames - first) // stride
 
 
 @torch.no_grad()
-def generate_video(p, prompts, frames=17, motion=1.0, seed=0, cfg_lm=3.0, cfg_dit=2.0, steps=25,
+def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0, guidance_dit=2.0, steps=25,
                    temperature=1.0, top_k=None, baseline=False, progress=None, log=None):
-    """prompts (B,) -> uint8 video (B, T, H, W, 3). baseline=True skips the LM and ControlNet:
-    the base DiT alone from text (the paper's comparison). Each stage's output is checked for
-    NaN/inf (FloatingPointError naming the stage); log(line) gets its shape and time (GPU peak)."""
-    g = torch.Generator().manual_seed(seed)  # noise comes from the CPU: the same numbers on any device
-    dev = torch.device(p.device) if p.device is not None else next(p.dit.parameters()).device
-    dt, c = next(p.dit.parameters()).dtype, p.dit.cfg
-    g_lm = g if dev.type == "cpu" else torch.Generator(dev).manual_seed(seed)  # multinomial wants its device
-    B, K, n_sem = len(prompts), n_windows(p, frames), 1 + (frames - 1) // p.vae.cfg.temporal_factor
-
-    def stage(name, fn, *mods):  # one stage: on the device (offload: only while it runs), checked, timed
-        for m in mods if p.offload else ():
-            m.to(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0, out = time.perf_counter(), None
-        try:
-            out = fn()
-        except RuntimeError as e:  # NaN logits stop torch.multinomial before we can look at them
-            if "nan" not in str(e).lower():
-                raise
-        finally:
-            for m in mods if p.offload else ():
-                m.to("cpu")
-        if out is None or (out.is_floating_point() and not torch.isfinite(out).all()):
-            raise FloatingPointError(f"NaN/inf in the {name} stage's output; run in fp32 (--dtype fp32), or bf16 "
-                                     f"rather than fp16 (its range is small), or check the {name} weights")
-        if log:
-            gpu = f", GPU peak {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB" if dev.type == "cuda" else ""
-            log(f"{name:>9}: {tuple(out.shape)} in {time.perf_counter() - t0:.2f}s{gpu}")
-        return out
-
-    text = stage("text", lambda: p.text(p.text.tokenize(prompts)).to(dev, dt), p.text)  # (B, L, D)
-    motion = torch.as_tensor(motion, dtype=torch.float32).expand(B).to(dev)
-    if not baseline:  # n_sem: the LM's `frames` micro-condition counts the clip's semantic frames
-        codes = stage("lm", lambda: lm.generate(p.lm, text, n_sem, motion, n_segments=K, cfg_scale=cfg_lm,
-                                                temperature=temperature, top_k=top_k, generator=g_lm,
-                                                progress=progress and (lambda i, n: progress("lm", i, n))), p.lm)
-        sem = stage("tokenizer", lambda: p.tok.decode(codes.view(B * K, -1)), p.tok)  # every window in one batch
-        sem = sem.unflatten(0, (B, K))  # (B, K, T_sem, C, h, w): window k's features
-
-    def denoise():
-        lat = None
-        for k in range(K):  # window k covers latent frames [k*stride, k*stride + W)
-            noise = torch.randn(B, c.latent_ch, c.frames, c.lat_h, c.lat_w, generator=g).to(dev, dt)
-            x = diffusion.euler_sample(p.dit, noise, text, steps, cfg_dit, None if baseline else p.control,
-                                       None if baseline else sem[:, k], None if k == 0 else lat[:, :, -c.prefix:],
-                                       progress and (lambda i, n: progress(f"dit {k + 1}/{K}", i, n)))
-            lat = x if k == 0 else torch.cat([lat, x[:, :, c.prefix:]], dim=2)  # (B, C, T_lat, h, w)
-        return lat
-    lat = stage("dit", denoise, p.dit, *([] if baseline else [p.control]))
-    video = stage("vae", lambda: p.vae.decode(lat / p.vae.cfg.scale_factor, chunk=2), p.vae)  # (B, 3, T, H, W)
+    """prompts (B,) -> uint8 video (B, T, H, W, 3) in the paper's four steps; baseline=True: the base DiT alone
+    from text (the paper's comparison). progress(name, i, n) moves a bar; log(line) gets each stage's report."""
+    device = torch.device(p.device) if p.device is not None else next(p.dit.parameters()).device
+    dtype = next(p.dit.parameters()).dtype
+    frames, K = clip_windows(p, frames)
+    # Two generators: the diffusion noise, from the CPU (the same numbers on any device) whatever the LM drew; the
+    # LM's on its device (multinomial wants it there), seeded apart (CPU generators keep a seed's low 32 bits).
+    noise_generator = torch.Generator().manual_seed(seed)
+    lm_generator = torch.Generator(device).manual_seed(seed + 2**31)
+    stage = functools.partial(run_stage, p.offload, device, log)
+    # 1. Text -> semantic tokens: the prompt's encoding (it also conditions the DiT), then one segment of ids per window
+    text = stage("text", [p.text], lambda: p.text(p.text.tokenize(prompts))).to(device, dtype)  # (B, L, D)
+    sem = None
+    if not baseline:
+        n_sem = 1 + (frames - 1) // p.vae.cfg.temporal_factor  # the LM's `frames` condition: semantic frames
+        codes = stage("lm", [p.lm], lambda: lm.generate(p.lm, text, n_sem, motion, n_segments=K, guidance=guidance_lm,
+                                                        temperature=temperature, top_k=top_k, generator=lm_generator,
+                                                        progress=functools.partial(progress, "lm") if progress else None))
+        # 2. Tokens -> semantic features (B, K, T_sem, C, h, w): the tokenizer's decoder, all windows in one batch
+        sem = stage("tokenizer", [p.tok], lambda: p.tok.decode(codes.view(-1, p.tok.cfg.n_tokens))).unflatten(0, (-1, K))
+    # 3. Semantic features -> latents: DiT + ControlNet denoise window after window, each continuing the last
+    latents = stage("dit", [p.dit, None if baseline else p.control],
+                    lambda: denoise(p, text, sem, windows=K, steps=steps, guidance=guidance_dit,
+                                    generator=noise_generator, progress=progress))  # (B, C, T_lat, h, w)
+    # 4. Latents -> frames: the VAE decoder, two latent frames at a time with its causal cache
+    video = stage("vae", [p.vae], lambda: p.vae.decode(latents / p.vae.cfg.scale_factor, chunk=2))  # (B, 3, T, H, W)
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 
 
+def denoise(p, text, sem, windows, steps, guidance, generator, progress):
+    """Step 3: window k starts from window k - 1's last `prefix` latent frames, held clean (sem None: no branch)."""
+    cfg = p.dit.cfg
+    latents = None
+    for k in range(windows):
+        noise = torch.randn(text.shape[0], cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=generator)
+        window = diffusion.euler_sample(p.dit, noise.to(text.device, text.dtype), text, steps, guidance=guidance,
+                                        controlnet=None if sem is None else p.control,
+                                        sem=None if sem is None else sem[:, k],
+                                        prefix=None if k == 0 else latents[:, :, -cfg.prefix:],
+                                        progress=functools.partial(progress, f"dit {k + 1}/{windows}") if progress else None)
+        latents = window if k == 0 else torch.cat([latents, window[:, :, cfg.prefix:]], dim=2)
+    return latents
+
+
+def run_stage(offload, device, log, name, modules, work):
+    """One stage: work() with `modules` on `device` (offload: only while it runs, on the CPU otherwise), its
+    output checked (NaN/inf: a FloatingPointError naming the stage), its shape and time given to log(line)."""
+    moved = [m for m in modules if m is not None] if offload else []
+    for m in moved:
+        m.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        out = work()
+    except RuntimeError as e:  # NaN logits stop torch.multinomial before we can look at them
+        if "nan" not in str(e).lower():
+            raise
+        out = None
+    finally:
+        for m in moved:
+            m.to("cpu")
+    if out is None or (out.is_floating_point() and not torch.isfinite(out).all()):
+        raise FloatingPointError(f"NaN/inf in the {name} stage's output; run in fp32 (--dtype fp32), or bf16 "
+                                 f"rather than fp16 (its range is small), or check the {name} weights")
+    if log:
+        gpu = f", GPU peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        log(f"{name:>9}: {tuple(out.shape)} in {time.perf_counter() - start:.2f}s{gpu}")
+    return out
+
+
 # ---------------------------------------------------------------------------- the command line
-def outputs(a):
+def outputs(args):
     """-> the prompts and each clip's path, all checked before any work."""
-    if a.prompts_file and not a.out_dir:
+    if args.prompts_file and not args.out_dir:
         raise SystemExit("error: --prompts-file needs --out-dir (a folder for 0000.gif, ... and manifest.json)")
-    if not a.prompts_file and not a.out.endswith((".gif", ".mp4")):
-        raise SystemExit(f"error: --out must end in .gif or .mp4, got {a.out}")
-    prompts = [a.prompt] if not a.prompts_file else \
-        [s.strip() for s in Path(a.prompts_file).read_text(encoding="utf-8").splitlines() if s.strip()]
+    if not args.prompts_file and not args.out.endswith((".gif", ".mp4")):
+        raise SystemExit(f"error: --out must end in .gif or .mp4, got {args.out}")
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps must be >= 1 (Euler steps per diffusion window), got {args.steps}")
+    prompts = [args.prompt] if not args.prompts_file else \
+        [s.strip() for s in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if s.strip()]
     if not prompts:
-        raise SystemExit(f"error: --prompts-file {a.prompts_file} is empty; write one prompt per line")
-    folder = a.out_dir if a.prompts_file else os.path.dirname(a.out) or "."
+        raise SystemExit(f"error: --prompts-file {args.prompts_file} is empty; write one prompt per line")
+    folder = args.out_dir if args.prompts_file else os.path.dirname(args.out) or "."
     try:  # the folder (made if missing) must take our files
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise SystemExit(f"error: cannot write into {folder!r} ({e.strerror or e}); choose a writable folder") from None
-    if a.prompts_file:
+    if args.prompts_file:
         return prompts, [os.path.join(folder, f"{i:04d}.gif") for i in range(len(prompts))]
-    if a.out.endswith(".mp4"):
+    if args.out.endswith(".mp4"):
         try:
             import imageio_ffmpeg
             imageio_ffmpeg.get_ffmpeg_exe()
         except Exception:  # not installed, or no ffmpeg binary for this platform
-            print(f"note: ffmpeg is not available (pip install imageio-ffmpeg), writing {a.out[:-4]}.gif instead")
-            return prompts, [a.out[:-4] + ".gif"]
-    return prompts, [a.out]
+            print(f"note: ffmpeg is not available (pip install imageio-ffmpeg), writing {args.out[:-4]}.gif instead")
+            return prompts, [args.out[:-4] + ".gif"]
+    return prompts, [args.out]
 
 
-def pipeline(a, dev, dtype):
+def pipeline(args, device, dtype):
     """The checkpoints in --ckpt (default out/<preset>) or, at full size only, random weights."""
-    ckpt, home, bang = a.ckpt or f"out/{a.preset}", "cpu" if a.preset == "full" else dev, "!" * 100
+    ckpt = args.ckpt or f"out/{args.preset}"
+    wait_on = "cpu" if args.preset == "full" else device  # full: the stages wait on the CPU (offload)
+    banner = "!" * 100
     if os.path.isdir(ckpt):  # the tokenizer's video size tells the presets apart: read it before loading it all
         cfg = load_checkpoint(os.path.join(ckpt, "tokenizer.pt"), "tokenizer")["config"]
-        got, sizes = (cfg.get("image_h"), cfg.get("image_w")), {k: (c.image_h, c.image_w) for k, c in tokenizer.PRESETS.items()}
-        if got != sizes[a.preset]:
-            other = next((k for k, s in sizes.items() if s == got), "another")
-            raise SystemExit(f"error: {ckpt} holds {other}-preset checkpoints ({got[0]}x{got[1]} video), not --preset "
-                             f"{a.preset}; pass --preset {other} or another --ckpt")
-        p = load_pipeline(ckpt, home, dtype)  # full: the stages wait on the CPU (offload)
-    elif a.preset == "tiny":
-        raise SystemExit(f"error: no checkpoint folder {ckpt}; make the tiny checkpoints with `python train_tiny.py` "
-                         f"(about 8 minutes on a CPU) or pass --ckpt DIR")
+        size = (cfg.get("image_h"), cfg.get("image_w"))
+        found = next((k for k, c in tokenizer.PRESETS.items() if (c.image_h, c.image_w) == size), "another")
+        if found != args.preset:
+            raise SystemExit(f"error: {ckpt} holds {found}-preset checkpoints ({size[0]}x{size[1]} video), not --preset "
+                             f"{args.preset}; pass --preset {found} or another --ckpt")
+        p = load_pipeline(ckpt, wait_on, dtype)
+    elif args.preset == "tiny":
+        raise SystemExit(f"error: no checkpoint folder {ckpt}; make the tiny ones with `python train_tiny.py` or pass --ckpt DIR")
     else:
-        print(f"{bang}\nWARNING: no checkpoints in {ckpt}: every stage has RANDOM weights, the clip is noise "
-              f"(a time and memory run)\n{bang}")
-        with torch.device(dev):  # initialise on the GPU (fast), then wait on the CPU in `dtype`
-            p = random_pipeline(a.preset)
+        print(f"{banner}\nWARNING: no checkpoints in {ckpt}: every stage has RANDOM weights, the clip is noise "
+              f"(a time and memory run)\n{banner}")
+        with torch.device(device):  # initialise on the GPU (fast), then wait on the CPU in `dtype`
+            p = random_pipeline(args.preset)
         for m in p.modules():
-            m.to(home, dtype).eval().requires_grad_(False)
-    if isinstance(p.text, StandInText):
-        print(f"{bang}\nWARNING: T5-XXL is not included: the text features are a seeded random "
-              f"(B, {p.text.length}, {p.text.dim}) stand-in; the prompt only picks the seed\n{bang}")
-    p.device, p.offload = torch.device(dev), a.preset == "full"
-    return p
+            m.to(wait_on, dtype).eval().requires_grad_(False)
+    if isinstance(p.text, lm.StandInText):
+        print(f"{banner}\nWARNING: T5-XXL is not included: the text features are a seeded random "
+              f"(B, {p.text.length}, {p.text.dim}) stand-in; the prompt only picks the seed\n{banner}")
+    return replace(p, device=torch.device(device), offload=args.preset == "full")
 
 
 def main(argv=None):
@@ -276,50 +276,51 @@ def main(argv=None):
     ap.add_argument("--out-dir", help="folder for a --prompts-file batch: 0000.gif, ... and manifest.json")
     ap.add_argument("--ckpt", help="checkpoint folder (default out/<preset>)")
     ap.add_argument("--preset", choices=["tiny", "full"], default="tiny")
+    ap.add_argument("--baseline", action="store_true", help="the base DiT alone from text: no LM, no ControlNet")
     ap.add_argument("--seed", type=int, default=0, help="clip i of a batch uses seed + i")
     ap.add_argument("--frames", type=int, help="RGB frames: one window (17 tiny, 49 full) + k streamed chunks")
     ap.add_argument("--motion-score", type=float, default=1.0, help="the LM's motion micro-condition")
-    ap.add_argument("--cfg-lm", type=float, default=3.0, help="classifier-free guidance scale of the LM")
-    ap.add_argument("--cfg-dit", type=float, default=2.0, help="guidance scale of the DiT (tiny: 2 beat 1.5, 3 and 4)")
+    ap.add_argument("--guidance-lm", "--cfg-lm", type=float, default=3.0, help="classifier-free guidance scale of the LM")
+    ap.add_argument("--guidance-dit", "--cfg-dit", type=float, default=2.0, help="classifier-free guidance scale of the DiT")
     ap.add_argument("--steps", type=int, default=25, help="Euler steps per diffusion window")
     ap.add_argument("--temperature", type=float, default=1.0, help="LM sampling temperature (0: greedy)")
     ap.add_argument("--top-k", type=int, help="LM: sample among the k likeliest codes")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA, else fp32")
     ap.add_argument("--dry-run", action="store_true", help="meta device only: parameters, shapes, memory estimate")
-    a = ap.parse_args(argv)
+    args = ap.parse_args(argv)
     try:
-        if a.dry_run:  # tools/dry_run.py: meta-device tracing has nothing to teach about sampling
+        if args.dry_run:  # tools/dry_run.py: meta-device tracing has nothing to teach about sampling
             from tools.dry_run import dry_run
             with torch.device("meta"):
-                p = random_pipeline(a.preset)
-            frames = a.frames or 1 + (p.dit.cfg.frames - 1) * p.vae.cfg.temporal_factor
-            return dry_run(p, a.preset, frames, n_windows(p, frames))
-        return run(a)
+                p = random_pipeline(args.preset)
+            return dry_run(p, args.preset, *clip_windows(p, args.frames))
+        return run(args)
     except (ValueError, FloatingPointError, OSError) as e:  # the stages' messages already say what is allowed
         raise SystemExit(f"error: {e}") from None
 
 
-def run(a):
+def run(args):
     import imageio.v2 as imageio
     have = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    dev = next(k for k in ("cuda", "mps", "cpu") if have[k]) if a.device == "auto" else a.device  # chosen once, here
-    if not have[dev]:
-        raise SystemExit(f"error: --device {dev} is not available here; use --device auto or cpu")
-    if a.preset == "full" and dev == "cpu":
+    device = next(k for k in ("cuda", "mps", "cpu") if have[k]) if args.device == "auto" else args.device  # chosen once
+    if not have[device]:
+        raise SystemExit(f"error: --device {device} is not available here; use --device auto or cpu")
+    if args.preset == "full" and device == "cpu":
         raise SystemExit("error: --preset full (5.1 B parameters) needs a GPU (--device cuda or mps); "
                          "on a CPU use --preset full --dry-run, or --preset tiny")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-             "auto": torch.bfloat16 if dev == "cuda" else torch.float32}[a.dtype]
-    prompts, paths = outputs(a)
-    p = pipeline(a, dev, dtype)
-    frames = a.frames or 1 + (p.dit.cfg.frames - 1) * p.vae.cfg.temporal_factor
-    n_windows(p, frames)  # a ValueError naming the schedule
-    if not 0 <= a.motion_score <= p.lm.cfg.motion_max:
-        raise SystemExit(f"error: --motion-score must lie in [0, {p.lm.cfg.motion_max}] (the LM's motion_max), "
-                         f"got {a.motion_score}")
-    print(f"{a.preset}: {len(prompts)} clip(s) of {frames} frames on {dev} in {str(dtype)[6:]}, seed {a.seed}")
-    bars, manifest = {}, []
+             "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
+    prompts, paths = outputs(args)
+    p = pipeline(args, device, dtype)
+    frames, _ = clip_windows(p, args.frames)  # a ValueError naming the schedule
+    if not 0 <= args.motion_score <= p.lm.cfg.motion_max:
+        raise SystemExit(f"error: --motion-score must lie in [0, {p.lm.cfg.motion_max}] (the LM's), got {args.motion_score}")
+    p.text.tokenize(prompts, strict=True)  # every prompt before any work: its length, words the encoder knows
+    model = "the base DiT alone (--baseline)" if args.baseline else "LanDiff"
+    print(f"{args.preset}: {len(prompts)} clip(s) of {frames} frames, {model}, on {device} in {str(dtype)[6:]}, seed {args.seed}")
+    bars = {}
+    manifest = []
 
     def progress(name, i, n):  # one tqdm bar per name: the LM's tokens, each window's Euler steps
         bar = bars.get(name) or bars.setdefault(name, tqdm(total=n, desc=f"{name:>9}", leave=False, ncols=80))
@@ -327,17 +328,20 @@ def run(a):
         if i >= n:
             bars.pop(name).close()
     for i, (prompt, path) in enumerate(zip(prompts, paths)):
-        t0 = time.perf_counter()
-        video = generate_video(p, [prompt], frames, a.motion_score, a.seed + i, a.cfg_lm, a.cfg_dit, a.steps,
-                               a.temperature, a.top_k, progress=progress, log=print)[0]  # (T, H, W, 3)
+        start = time.perf_counter()
+        video = generate_video(p, [prompt], frames=frames, motion=args.motion_score, seed=args.seed + i,
+                               guidance_lm=args.guidance_lm, guidance_dit=args.guidance_dit, steps=args.steps,
+                               temperature=args.temperature, top_k=args.top_k, baseline=args.baseline,
+                               progress=progress, log=print)[0]  # (T, H, W, 3)
         # 8 fps, at the model's resolution (macro_block_size=1: mp4 never rescales; our sizes are even for H.264)
         imageio.mimsave(path, list(video.numpy()), **(dict(fps=8, macro_block_size=1) if path.endswith(".mp4")
                                                       else dict(duration=125, loop=0)))
         print(f"wrote {path}: {video.shape[0]} frames of {video.shape[2]}x{video.shape[1]} in "
-              f"{time.perf_counter() - t0:.1f}s ({prompt!r}, seed {a.seed + i})")
-        manifest.append(dict(prompt=prompt, path=path, seed=a.seed + i, frames=frames, motion_score=a.motion_score))
-    if a.prompts_file:
-        with open(os.path.join(a.out_dir, "manifest.json"), "w") as f:
+              f"{time.perf_counter() - start:.1f}s ({prompt!r}, seed {args.seed + i})")
+        manifest.append(dict(prompt=prompt, path=path, seed=args.seed + i, frames=frames,
+                             motion_score=args.motion_score, baseline=args.baseline))
+    if args.prompts_file:
+        with open(os.path.join(args.out_dir, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
     return manifest
 

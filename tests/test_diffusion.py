@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import diffusion
 from diffusion import PRESETS, ControlNet, DiT, euler_sample, fm_loss, patchify, unpatchify
 
 CFG = PRESETS["tiny"]
@@ -13,7 +14,7 @@ CFG = PRESETS["tiny"]
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP threads
-    fighting other processes run ~20× slower; restored afterwards for the other test files."""
+    fighting other processes run many times slower; restored afterwards for the other test files."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -126,14 +127,14 @@ def test_streaming_prefix_held_fixed():
     noise = torch.randn(2, CFG.latent_ch, 9, CFG.lat_h, CFG.lat_w)[:, :, 2:7]  # a window sliced from a long clip
     p = CFG.prefix
     prefix = torch.randn(2, CFG.latent_ch, p, CFG.lat_h, CFG.lat_w)
-    kw = dict(steps=3, cfg_scale=2.0, controlnet=ctrl, sem=sem)
+    kw = dict(steps=3, guidance=2.0, controlnet=ctrl, sem=sem)
     a = euler_sample(dit, noise, text, prefix=prefix, **kw)
     b = euler_sample(dit, noise, text, prefix=prefix + 1, **kw)
     assert torch.equal(a[:, :, :p], prefix)
     assert (a[:, :, p:] - b[:, :, p:]).abs().max() > 1e-3  # the new frames do look at the prefix
 
 
-def test_cfg_scale_one_is_conditional_and_guidance_formula():
+def test_guidance_one_is_conditional_and_guidance_formula():
     dit, ctrl = models()
     perturb(ctrl)
     noise, _, text, sem = inputs()
@@ -143,9 +144,33 @@ def test_cfg_scale_one_is_conditional_and_guidance_formula():
         v_u = dit(noise, one, 0 * text, ctrl(noise, one, 0 * text, sem))
     assert (v_c - v_u).abs().max() > 1e-3  # the text matters, so the check below can fail
     kw = dict(steps=1, controlnet=ctrl, sem=sem)  # one Euler step from t = 1 to 0: x0 = noise − v
-    torch.testing.assert_close(euler_sample(dit, noise, text, cfg_scale=1.0, **kw), noise - v_c, atol=1e-5, rtol=0)
-    torch.testing.assert_close(euler_sample(dit, noise, text, cfg_scale=4.0, **kw),
+    torch.testing.assert_close(euler_sample(dit, noise, text, guidance=1.0, **kw), noise - v_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(euler_sample(dit, noise, text, guidance=4.0, **kw),
                                noise - (v_u + 4.0 * (v_c - v_u)), atol=1e-5, rtol=0)
+
+
+def test_time_reaches_the_embedding_in_fp32_under_bf16(monkeypatch):
+    """A bf16 model must see the same times as an fp32 one: the shifted grid of euler_sample and the
+    logit-normal draws of fm_loss, not their bf16 roundings (up to 4e-3 near t = 1)."""
+    seen = []
+    embedding = diffusion.timestep_embedding
+
+    def spy(t, dim, max_period=10000.0):
+        seen.append(t.detach().clone())
+        return embedding(t, dim, max_period)
+    monkeypatch.setattr(diffusion, "timestep_embedding", spy)
+    cfg = dataclasses.replace(CFG, shift=3.0)
+    x, _, text, _ = inputs(cfg)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        dit = DiT(cfg).to(dtype)
+        seen.clear()
+        euler_sample(dit, x.to(dtype), text.to(dtype), steps=7)
+        fm_loss(dit, x.to(dtype), text.to(dtype), generator=torch.Generator().manual_seed(0))
+        runs[dtype] = list(seen)
+    assert len(runs[torch.bfloat16]) == 8 and all(t.dtype == torch.float32 for t in runs[torch.bfloat16])
+    assert all(torch.equal(a, b) for a, b in zip(runs[torch.float32], runs[torch.bfloat16], strict=True))
+    assert any((t != t.bfloat16().float()).any() for t in runs[torch.bfloat16])  # bf16 would have rounded these
 
 
 def test_token_counts_and_full_size_on_meta():
@@ -182,6 +207,8 @@ def test_bad_input_says_what_fits():
         lambda: dit(x, t, text[:, :5]),  # text length
         lambda: ctrl(x, t, text, sem[:, :, :32]),  # semantic width
         lambda: euler_sample(dit, x, text, steps=1, prefix=x),  # prefix as long as the window
+        lambda: euler_sample(dit, x, text, steps=0),  # no step: the noise itself would come back
+        lambda: euler_sample(dit, x, text, steps=2, guidance=-1.0),
         lambda: fm_loss(dit, x, text, prefix=CFG.frames),
         lambda: dataclasses.replace(CFG, prefix=5),
         lambda: dataclasses.replace(CFG, attn_impl="flash"),

@@ -48,7 +48,7 @@ def test_kv_cache_equals_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
     # the same sampler with and without the cache: identical tokens, one and two segments, CFG, top-k / top-p
     text, frames, motion = _inputs()
-    for kw in (dict(cfg_scale=2.0, top_k=20), dict(n_segments=2, top_p=0.9, temperature=0.8), dict(temperature=0.0)):
+    for kw in (dict(guidance=2.0, top_k=20), dict(n_segments=2, top_p=0.9, temperature=0.8), dict(temperature=0.0)):
         a, b = (generate(m, text, frames, motion, generator=torch.Generator().manual_seed(7), use_cache=c, **kw)
                 for c in (True, False))
         assert torch.equal(a, b), kw
@@ -91,7 +91,7 @@ def test_cfg_rows():
     uncond = _greedy(m, text, frames, motion, torch.zeros(2, dtype=torch.bool))
     assert not torch.equal(cond, uncond)
     for scale, want in ((1.0, cond), (1.0 + 1e-6, cond), (0.0, uncond)):
-        assert torch.equal(generate(m, text, frames, motion, cfg_scale=scale, temperature=0.0), want), scale
+        assert torch.equal(generate(m, text, frames, motion, guidance=scale, temperature=0.0), want), scale
 
 
 @pytest.mark.parametrize("n_segments", [1, 2])
@@ -206,6 +206,9 @@ def test_text_encoder_vocabulary_round_trip():
     assert out.shape == (2, CFG.text_len, CFG.text_dim)
     assert out[ids == TextEncoder.PAD].abs().max() == 0
     assert out[ids != TextEncoder.PAD].norm(dim=-1).min() > 1.0
+    with pytest.raises(ValueError, match="never saw hexagon, purple; the words it knows: a blue circle"):
+        enc.tokenize(["a red circle", "a purple hexagon"], strict=True)  # strict: unknown words are an error, not UNK
+    assert torch.equal(enc.tokenize(prompts[:1], strict=True), ids[:1])
     with pytest.raises(ValueError, match="words"):  # a vocabulary that does not fit the weights
         TextEncoder(CFG, words[:-1]).load_state_dict(sd)
 

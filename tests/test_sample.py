@@ -111,6 +111,41 @@ def test_same_seed_same_clip_and_the_offload_path_agrees(ckpt):
     assert sample.generate_video(p, CAPTIONS[:1], seed=3, baseline=True, **kw).shape == a.shape
 
 
+def test_diffusion_noise_does_not_depend_on_the_lms_draws(ckpt, monkeypatch):
+    """The LM has its own generator: greedy decoding draws no random numbers, sampling draws many, the
+    baseline runs no LM at all, and the DiT sees the same noise for the same seed in all three."""
+    noise = []
+    euler_sample = sample.diffusion.euler_sample
+
+    def spy(dit, x, *args, **kwargs):
+        noise.append(x.clone())
+        return euler_sample(dit, x, *args, **kwargs)
+    monkeypatch.setattr(sample.diffusion, "euler_sample", spy)
+    p = sample.load_pipeline(str(ckpt))
+    for kw in (dict(temperature=0.0), dict(temperature=1.0), dict(baseline=True)):
+        sample.generate_video(p, CAPTIONS[:1], seed=3, frames=25, steps=1, **kw)
+    assert len(noise) == 6  # two windows per clip
+    assert all(torch.equal(a, b) for a, b in zip(noise[:2], noise[2:4])) and torch.equal(noise[:2][0], noise[4])
+    assert torch.equal(noise[1], noise[5]) and not torch.equal(noise[0], noise[1])
+
+
+def test_baseline_samples_the_base_dit_alone(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moves up\n")
+    out = tmp_path / "base"
+    sample.main(["--ckpt", str(ckpt), "--prompts-file", str(prompts), "--out-dir", str(out), "--baseline", *FAST])
+    log = capsys.readouterr().out
+    assert "base DiT alone" in log and "dit: (1," in log and "lm:" not in log and "tokenizer:" not in log
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["baseline"] for m in manifest] == [True, True] and frames_of(out / "0001.gif").shape[0] == 17
+    single = tmp_path / "single.gif"  # --prompt/--out too, and it is not the LanDiff clip
+    sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle moving left", "--out", str(single), "--baseline", *FAST])
+    assert np.array_equal(frames_of(single), frames_of(out / "0000.gif"))
+    landiff = tmp_path / "landiff.gif"
+    sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle moving left", "--out", str(landiff), *FAST])
+    assert not np.array_equal(frames_of(single), frames_of(landiff))
+
+
 def test_mp4_falls_back_to_gif_without_ffmpeg(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails, as when it is not installed
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "x.mp4"), "--steps", "1"])
@@ -133,6 +168,15 @@ def test_bad_inputs_each_name_what_is_allowed(ckpt, tmp_path, capsys):
     assert "invalid choice" in msg and "tiny" in msg and "full" in msg
     assert "python train_tiny.py" in run("--ckpt", str(tmp_path / "nowhere"))  # the later --ckpt wins
     assert "frames must be 17 + 8k (17, 25, ..., 121), got 20" in run("--frames", "20")
+    assert "frames must be 17 + 8k (17, 25, ..., 121), got 0" in run("--frames", "0")  # 0 is not "not given"
+    assert "--steps must be >= 1" in run("--steps", "0")
+    assert "frames must be 49 + 24k (49, 73, ..., 505), got 0" in error_of(["--preset", "full", "--dry-run", "--frames", "0"], capsys)
+    msg = run("--prompt", "a purple hexagon moving sideways")
+    assert "never saw hexagon, purple, sideways" in msg and "the words it knows: a blue circle" in msg, msg
+    (tmp_path / "mixed.txt").write_text("a red circle moving left\na purple circle\n")  # the whole list, before any work
+    msg = error_of(["--ckpt", str(ckpt), "--prompts-file", str(tmp_path / "mixed.txt"), "--out-dir", str(tmp_path / "m")],
+                   capsys)
+    assert "never saw purple" in msg and "lm:" not in capsys.readouterr().out and not (tmp_path / "m" / "0000.gif").exists()
     assert "--motion-score must lie in [0, 2.0]" in run("--motion-score", "5")
     assert "needs a GPU" in run("--preset", "full", "--device", "cpu")
     assert "--out must end in .gif or .mp4" in error_of(["--ckpt", str(ckpt), "--out", "x.png"], capsys)
@@ -186,7 +230,7 @@ def test_full_dry_run_counts_every_stage_on_meta(capsys):
     out = capsys.readouterr().out
     got = {k: int(re.search(rf"^{re.escape(k)} +([\d,]+) ", out, re.M).group(1).replace(",", "")) for k in expect}
     assert got == expect
-    assert re.search(r"^text encoder +none ", out, re.M) and 5.0e9 < expect["total"] < 5.2e9  # SPEC §6: ≈ 5.1 B
+    assert re.search(r"^text encoder +none ", out, re.M) and 5.0e9 < expect["total"] < 5.2e9  # docs/DESIGN.md §6: ≈ 5.1 B
     t, c = tokenizer.PRESETS["full"], diffusion.PRESETS["full"]
     for shape in [(1, t.n_tokens), (1, t.frames, t.feat_dim, t.feat_h, t.feat_w),
                   (2, c.latent_ch, c.frames, c.lat_h, c.lat_w), (1, 3, 49, t.image_h, t.image_w)]:

@@ -44,7 +44,8 @@ def dry_run(p, preset, frames, K):
 
     def lm_call():  # prefill, then one decoding step (every later step has its shapes)
         cache = p.lm.new_cache(2, P + S)
-        p.lm(e(2, P, l.width), cache), p.lm(e(2, 1, l.width), cache, P)
+        p.lm(e(2, P, l.width), cache)
+        p.lm(e(2, 1, l.width), cache, P)
         return e(1, K * l.tokens_per_segment, dtype=torch.long)
 
     def control_call():  # the hint is made once per window (as in euler_sample), then one step's residuals
