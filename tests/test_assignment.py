@@ -64,6 +64,7 @@ def test_bad_markers_are_refused_with_the_line(lines, says):
     assert str(error.value).startswith("m.py:")
 
 
+@reference_only
 def test_unknown_names_and_used_folders_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown exercise.*nosuch.*known: .*fsq"):
         make_assignment.main(["--out", str(tmp_path / "hw"), "--only", "fsq,nosuch"])
@@ -96,14 +97,14 @@ def test_round_trip_every_exercise_fails_alone_and_nothing_else(blanked):
         assert tied <= set(names), f"{nodeid} names exercises without a solution block: {tied - set(names)}"
         for name, _ in record["exercises"]:
             graded.setdefault(name, []).append(nodeid)
-        if record["exercises"]:
-            assert record["outcome"] == "failed", f"{nodeid} grades {tied} but passes with them blanked"
-        if record["outcome"] == "failed":
+        if record["exercises"]:  # a graded test fails, with the NotImplementedError of an exercise it names
             error = record["error"] or ""
             raised = error.split(": ")[1] if error.startswith("NotImplementedError: ") else None
-            assert raised in tied, f"{nodeid} (tied to {sorted(tied) or 'nothing'}) failed with {error!r}"
-        else:
-            assert not record["exercises"], nodeid
+            assert record["outcome"] == "failed", f"{nodeid} grades {tied} but passes with them blanked"
+            assert raised in tied, f"{nodeid} (tied to {sorted(tied)}) failed with {error!r}"
+        elif not tied:  # a test tied to no exercise passes
+            assert record["outcome"] in ("passed", "skipped"), f"{nodeid} (tied to nothing) failed: {record['error']}"
+        # an integration test (uses only) may fail any way: tools/bench.py, e.g., reports a row's error and goes on
     assert set(graded) == set(names), f"exercises without a graded test: {set(names) - set(graded)}"
     result = grade.tally(run["tests"])
     assert set(result["exercises"]) == set(names) and result["points"] == 0 and result["max_points"] > 0
