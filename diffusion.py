@@ -126,11 +126,13 @@ def attention(q, k, v, mask=None, impl="sdpa"):
     assert the two agree)."""
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # BEGIN SOLUTION attention: scores q k^T / sqrt(d), -inf where mask is False, softmax over keys in fp32, times v
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in fp32 so bf16 runs of the manual path stay a fair reference
     return scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, Nq, D)
+    # END SOLUTION
 # ---- end copied primitive ----
 
 
@@ -205,8 +207,10 @@ class Embed(nn.Module):
 def expert_adaln(norm, ada, emb, txt, vid):
     """CogVideoX's "expert" adaLN: one LayerNorm, but separate shift/scale/gate for text and video
     tokens, all six made from the time embedding by one linear."""
+    # BEGIN SOLUTION expert_adaln: six (B, 1, D) vectors from ada(silu(emb)): shift, scale, gate for video, then for text; modulate norm(x) * (1 + scale) + shift
     shift, scale, gate, t_shift, t_scale, t_gate = ada(F.silu(emb))[:, None].chunk(6, dim=-1)  # each (B, 1, D)
     return norm(txt) * (1 + t_scale) + t_shift, norm(vid) * (1 + scale) + shift, t_gate, gate
+    # END SOLUTION
 
 
 class Block(nn.Module):
@@ -331,7 +335,9 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             txt, vid = block(txt, vid, emb)
             if control is not None and i < len(control):
+                # BEGIN SOLUTION controlnet: add control[i] to the text tokens (its first L) and the video tokens (the rest)
                 txt, vid = txt + control[i][:, :L], vid + control[i][:, L:]  # all tokens, as the release
+                # END SOLUTION
         shift, scale = self.ada_out(F.silu(emb))[:, None].chunk(2, dim=-1)  # each (B, 1, D)
         vid = self.norm_out(self.norm_final(vid)) * (1 + scale) + shift  # CogVideoX normalises twice
         return unpatchify(self.proj_out(vid), self.cfg)  # (B, N, p·p·C) -> (B, C, T, H, W)
@@ -388,12 +394,14 @@ class ControlNet(nn.Module):
         hint = self.hint(sem) if hint is None else hint
         L = text.shape[1]
         txt, vid, emb = self.embed(x + hint, t, text)
+        # BEGIN SOLUTION controlnet: per block: h = zero(cat(block(txt, vid, emb))); collect h; h split at L feeds the next block
         outs = []
         for block, zero in zip(self.blocks, self.zero):
             h = zero(torch.cat(block(txt, vid, emb), dim=1))  # (B, S, D)
             outs.append(h)
             txt, vid = h[:, :L], h[:, L:]  # the zero linear's output is the next block's input (release)
         return outs
+        # END SOLUTION
 
 
 # ---------------------------------------------------------------------------- loss
@@ -411,7 +419,9 @@ def shift_time(t, shift):
 def sample_t(n, shift=1.0, generator=None, device=None):
     """n training times (fp32): logit-normal t = sigmoid(u), u ~ N(0, 1), which favours the middle of the
     path (SD3), then shifted (shift_time)."""
+    # BEGIN SOLUTION flow_matching: t = sigmoid(u), u drawn with _draw(torch.randn, ...); then shift_time
     return shift_time(torch.sigmoid(_draw(torch.randn, (n,), generator, device)), shift)
+    # END SOLUTION
 
 
 def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
@@ -424,6 +434,7 @@ def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
     cfg = dit.cfg
     _check_method(cfg, controlnet, sem, prefix)
     B = x0.shape[0]
+    # BEGIN SOLUTION flow_matching: draw t (sample_t), then noise (_draw, same generator, in that order); x_t = (1 - t) x0 + t noise, clean prefix; text dropout; MSE to noise - x0 past the prefix
     t = sample_t(B, cfg.shift, generator, x0.device)  # (B,), fp32: the time embedding sees it unrounded
     noise = _draw(torch.randn, x0.shape, generator, x0.device).to(x0.dtype)  # (B, C, T, H, W)
     t_frames = t.view(B, 1, 1, 1, 1)
@@ -438,6 +449,7 @@ def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
     control = controlnet(xt, t, text, sem) if controlnet is not None else None
     v = dit(xt, t, text, control)
     return F.mse_loss(v[:, :, prefix:], (noise - x0)[:, :, prefix:])
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -466,7 +478,10 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
     x = noise.clone()
     for i in range(steps):
         if n_prefix:
+            # BEGIN SOLUTION streaming: overwrite the first n_prefix latent frames with the clean prefix
             x[:, :, :n_prefix] = prefix
+            # END SOLUTION
+        # BEGIN SOLUTION euler: v at t = times[i] (CFG: one batch of conditional and zero-text rows, v_u + guidance (v_c - v_u)); x += (times[i+1] - times[i]) v
         t = times[i].expand(B)  # (B,) fp32
         if guidance == 1:
             v = velocity(x, t, text, hint)
@@ -474,10 +489,13 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
             v_c, v_u = velocity(_twice(x), _twice(t), torch.cat([text, torch.zeros_like(text)]), _twice(hint)).chunk(2)
             v = v_u + guidance * (v_c - v_u)
         x = x + (times[i + 1] - times[i]) * v
+        # END SOLUTION
         if progress is not None:
             progress(i + 1, steps)
     if n_prefix:
+        # BEGIN SOLUTION streaming: the result keeps the clean prefix too
         x[:, :, :n_prefix] = prefix
+        # END SOLUTION
     return x
 
 

@@ -121,11 +121,13 @@ def attention(q, k, v, mask=None, impl="sdpa"):
     assert the two agree)."""
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # BEGIN SOLUTION attention: scores q k^T / sqrt(d), -inf where mask is False, softmax over keys in fp32, times v
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in fp32 so bf16 runs of the manual path stay a fair reference
     return scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, Nq, D)
+    # END SOLUTION
 # ---- end copied primitive ----
 
 
@@ -134,16 +136,20 @@ def rope_angles(pos, n_pairs, theta=10000.0):
     """Rotary angles (N, n_pairs) for positions pos (N,): channel pair i turns by
     pos · theta^(-i / n_pairs), fast for low pairs, slow for high ones
     (RoFormer, arXiv 2104.09864)."""
+    # BEGIN SOLUTION rope: pair i turns by pos * theta^(-i / n_pairs); an outer product of positions and frequencies
     freqs = theta ** (-torch.arange(n_pairs, dtype=torch.float32, device=pos.device) / n_pairs)
     return pos.float()[:, None] * freqs[None, :]  # (N, n_pairs)
+    # END SOLUTION
 
 
 def apply_rope(x, cos, sin):
     """Rotate each adjacent channel pair (x[..., 2i], x[..., 2i+1]) of x (..., N, 2P)
     by the angles whose cosines and sines are cos, sin (N, P)."""
+    # BEGIN SOLUTION rope: split the last dim into adjacent pairs (x1, x2), rotate each by its angle in fp32
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, P) each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., N, P, 2)
     return out.flatten(-2).type_as(x)  # (..., N, 2P)
+    # END SOLUTION
 # ---- end copied primitive ----
 
 
@@ -196,10 +202,12 @@ class Block(nn.Module):
         q, k = apply_rope(qkv[:2], cos, sin)  # (B, H, N, D) each: q and k turned in one call
         v = qkv[2]
         if cache is not None:
+            # BEGIN SOLUTION kv_cache: write k, v at positions start..start+N-1, then attend to every key up to start+N
             end = start + N
             cache[0, :, :, start:end] = k
             cache[1, :, :, start:end] = v
             k, v = cache[0, :, :, :end], cache[1, :, :, :end]  # (B, H, end, D): all keys so far
+            # END SOLUTION
         a = attention(q, k, v, mask, self.attn_impl)  # (B, H, N, D)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, W))  # heads back side by side: (B, N, W)
         gate, up = self.w13(self.norm2(x)).chunk(2, dim=-1)  # (B, N, mlp) each
@@ -404,8 +412,10 @@ def token_layout(cfg, n_segments, device=None):
     """The ids after the prefix's [SOI] for n_segments segments, -1 where a code goes: (S,) long.
     n_i codes [EOI] ([SOP] n_p codes [EOP]) x (frames-1), then [SOI] and the same per further
     segment, then [EOS]. The one place the stream's structure is written down."""
+    # BEGIN SOLUTION lm_sequence: one segment is n_i codes, EOI, then (SOP, n_p codes, EOP) per later frame; SOI between segments, EOS at the end
     seg = [-1] * cfg.n_i + [cfg.EOI] + ([cfg.SOP] + [-1] * cfg.n_p + [cfg.EOP]) * (cfg.frames - 1)
     return torch.tensor(seg + ([cfg.SOI] + seg) * (n_segments - 1) + [cfg.EOS], device=device)
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------------------- loss
@@ -421,15 +431,18 @@ def lm_loss(model, codes, text, frames, motion):
     keep = torch.rand(B, device=codes.device) >= cfg.p_uncond if model.training else None
     prefix = model.prefix(text, frames, motion, keep)  # (B, P, W), ends with SOI
     n_prefix = prefix.shape[1]
+    # BEGIN SOLUTION lm_sequence: input = prefix + embedded tokens except the last; the logit at position i predicts id i+1, from the one before SOI on
     x = torch.cat([prefix, model.embed(tokens[:, :-1])], dim=1)  # (B, n_prefix + S - 1, W): EOS is only a target
     logits = model(x)[:, n_prefix - 2:]  # (B, S + 1, V): the predictions of SOI and of every id after it
     targets = torch.cat([torch.full_like(tokens[:, :1], cfg.SOI), tokens], dim=1)  # (B, S + 1)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------------------- sampling
 def _pick(logits, guidance, temperature, top_k, top_p, generator):
     """One code id per row from the logits (rows, V), restricted to the codebook by the caller."""
+    # BEGIN SOLUTION lm_sampling: CFG u + guidance (c - u) on the two halves of the rows; greedy at temperature 0; top-k, then top-p on the sorted probabilities; multinomial
     if guidance != 1.0:  # CFG on logits, before temperature: u + guidance (c - u)
         cond, uncond = logits.chunk(2)
         logits = uncond + guidance * (cond - uncond)
@@ -445,6 +458,7 @@ def _pick(logits, guidance, temperature, top_k, top_p, generator):
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # drop ids whose predecessors already hold top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # END SOLUTION
 
 
 @torch.no_grad()

@@ -168,6 +168,7 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
 def denoise(p, text, sem, windows, steps, guidance, generator, progress):
     """Step 3: window k starts from window k - 1's last `prefix` latent frames, held clean (sem None: no branch)."""
     cfg = p.dit.cfg
+    # BEGIN SOLUTION streaming: per window k: fresh noise, euler_sample with sem[:, k] and the last prefix frames so far as its prefix; append the new frames
     latents = None
     for k in range(windows):
         noise = torch.randn(text.shape[0], cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=generator)
@@ -178,6 +179,7 @@ def denoise(p, text, sem, windows, steps, guidance, generator, progress):
                                         progress=functools.partial(progress, f"dit {k + 1}/{windows}") if progress else None)
         latents = window if k == 0 else torch.cat([latents, window[:, :, cfg.prefix:]], dim=2)
     return latents
+    # END SOLUTION
 
 
 def run_stage(offload, device, log, name, modules, work):

@@ -122,11 +122,13 @@ def attention(q, k, v, mask=None, impl="sdpa"):
     assert the two agree)."""
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # BEGIN SOLUTION attention: scores q k^T / sqrt(d), -inf where mask is False, softmax over keys in fp32, times v
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # softmax in fp32 so bf16 runs of the manual path stay a fair reference
     return scores.float().softmax(dim=-1).to(v.dtype) @ v  # (B, H, Nq, D)
+    # END SOLUTION
 # ---- end copied primitive ----
 
 
@@ -135,16 +137,20 @@ def rope_angles(pos, n_pairs, theta=10000.0):
     """Rotary angles (N, n_pairs) for positions pos (N,): channel pair i turns by
     pos · theta^(-i / n_pairs), fast for low pairs, slow for high ones
     (RoFormer, arXiv 2104.09864)."""
+    # BEGIN SOLUTION rope: pair i turns by pos * theta^(-i / n_pairs); an outer product of positions and frequencies
     freqs = theta ** (-torch.arange(n_pairs, dtype=torch.float32, device=pos.device) / n_pairs)
     return pos.float()[:, None] * freqs[None, :]  # (N, n_pairs)
+    # END SOLUTION
 
 
 def apply_rope(x, cos, sin):
     """Rotate each adjacent channel pair (x[..., 2i], x[..., 2i+1]) of x (..., N, 2P)
     by the angles whose cosines and sines are cos, sin (N, P)."""
+    # BEGIN SOLUTION rope: split the last dim into adjacent pairs (x1, x2), rotate each by its angle in fp32
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., N, P) each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., N, P, 2)
     return out.flatten(-2).type_as(x)  # (..., N, 2P)
+    # END SOLUTION
 # ---- end copied primitive ----
 
 
@@ -211,21 +217,27 @@ class FSQ(nn.Module):
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
         # ... and shift the input so that z = 0 still lands exactly on level 0 (tanh(shift)·half_l = offset)
         shift = torch.atanh(offset / half_l)
+        # BEGIN SOLUTION fsq: bounded = tanh(z + shift) * half_l - offset; round it with a straight-through gradient; divide by L // 2
         bounded = torch.tanh(z + shift) * half_l - offset  # (..., D), level i at the integer i
         # round half to even; the forward pass sees the rounded value, the gradient passes straight through
         rounded = bounded + (bounded.round() - bounded).detach()
         codes = rounded / (self.levels // 2)  # (..., D): integers -> [-1, 1]
+        # END SOLUTION
         return codes.to(dtype), self.codes_to_indices(codes)
 
     def codes_to_indices(self, codes):
         half_width = self.levels // 2
+        # BEGIN SOLUTION fsq: level numbers 0..L-1 per channel, then the mixed-radix number sum(digit * basis)
         digits = codes * half_width + half_width  # (..., D): level number 0..L-1 of each channel
         return (digits * self.basis).sum(dim=-1).round().long()  # (...,) the mixed-radix number
+        # END SOLUTION
 
     def indices_to_codes(self, indices):
         half_width = self.levels // 2
+        # BEGIN SOLUTION fsq: digit i = (index // basis_i) % L_i, then back from level numbers to [-1, 1]
         digits = (indices[..., None] // self.basis) % self.levels  # (..., D)
         return (digits - half_width) / half_width  # (..., D) float32
+        # END SOLUTION
 
 
 def token_times(frames, hw, n_i, n_p, device=None):
@@ -245,16 +257,20 @@ def encoder_mask(time, is_frame):
     """(S, S) bool, row = who looks, column = at whom (docs/DESIGN.md §3): frame tokens see frames
     <= their own; I-queries see frame 0 and earlier I-queries; P-queries of group k see frames <= k
     and every earlier query. Frame tokens never see a query; queries form a causal 1D sequence."""
+    # BEGIN SOLUTION masks: key time <= query time, and the key is a frame token or (query and key are queries) an earlier query
     order = torch.arange(len(time), device=time.device)
     earlier_query = ~is_frame[:, None] & (order[None, :] <= order[:, None])  # queries come after all frames
     return (time[None, :] <= time[:, None]) & (is_frame[None, :] | earlier_query)
+    # END SOLUTION
 
 
 def decoder_mask(time):
     """(S, S) bool: every token sees everything of time <= its own. Mask tokens of frame f see
     mask tokens of frames <= f and the latents of groups <= f (I, P1..Pf); latents of group k see
     frames <= k and groups <= k. So frame f is decoded from groups <= f only."""
+    # BEGIN SOLUTION masks: one comparison of the time vector with itself (row = query, column = key)
     return time[None, :] <= time[:, None]
+    # END SOLUTION
 
 
 @functools.lru_cache(maxsize=16)
@@ -264,10 +280,12 @@ def sequence_layout(frames, h, w, n_i, n_p, rope_split, decoder, device):
     turns its own band of pairs (rope_split, the release's 8/12/12 of 32) at its own frequencies."""
     time, is_frame = token_times(frames, h * w, n_i, n_p, device)
     mask = decoder_mask(time) if decoder else encoder_mask(time, is_frame)
+    # BEGIN SOLUTION rope_3d: positions (S, 3): (f, row, col) per frame token, (n, n, n) per query; rope_angles per axis, concatenated
     grid = torch.meshgrid(*(torch.arange(n, device=device) for n in (frames, h, w)), indexing="ij")
     query = torch.arange(len(time) - frames * h * w, device=device)  # 0..N-1
     pos = torch.cat([torch.stack(grid, dim=-1).view(-1, 3), torch.stack([query, query, query], dim=-1)])  # (S, 3)
     angles = torch.cat([rope_angles(pos[:, axis], rope_split[axis]) for axis in range(3)], dim=-1)  # (S, head_dim/2)
+    # END SOLUTION
     return angles.cos(), angles.sin(), mask
 
 
