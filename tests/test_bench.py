@@ -17,6 +17,7 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.mark.uses("fsq")
 def test_fsq_rows_compare_when_the_peer_is_installed(capsys):
     rows = bench.main(["--only", "fsq", "--repeats", "1", "--threads", "1"])
     out = capsys.readouterr().out
@@ -31,6 +32,7 @@ def test_fsq_rows_compare_when_the_peer_is_installed(capsys):
     assert f"torch {torch.__version__}" in out and "1 thread(s)" in out and "| ratio |" in out
 
 
+@pytest.mark.uses("causal_conv", "expert_adaln", "kv_cache", "lm_sampling", "lm_sequence", "rope")
 def test_missing_peers_skip_the_comparison_not_the_row(monkeypatch, capsys):
     monkeypatch.setattr(bench, "optional", lambda module: None)  # as in CI: no peer package at all
     rows = bench.main(["--only", "dit", "--only", "vae,lm", "--quick", "--repeats", "1", "--threads", "1"])

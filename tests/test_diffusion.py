@@ -59,6 +59,8 @@ def test_patchify_unpatchify_inverse_and_token_order():
         assert torch.equal(tok[:, n], patch.reshape(2, -1))
 
 
+@pytest.mark.exercise("attention", points=2)
+@pytest.mark.uses("controlnet", "expert_adaln")
 def test_manual_attention_equals_sdpa_through_the_model():
     dit, ctrl = models()
     perturb(ctrl)
@@ -74,6 +76,8 @@ def test_manual_attention_equals_sdpa_through_the_model():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.exercise("controlnet", points=3)
+@pytest.mark.uses("expert_adaln")
 def test_zero_inits():
     x, t, text, sem = inputs()
     fresh = DiT(CFG)
@@ -104,6 +108,8 @@ class Oracle(torch.nn.Module):
         return (x - self.target) / t.view(-1, 1, 1, 1, 1)
 
 
+@pytest.mark.exercise("euler", points=3)
+@pytest.mark.exercise("flow_matching", points=3)
 def test_oracle_velocity_lands_on_target_and_loss_skips_prefix():
     cfg = dataclasses.replace(CFG, shift=3.0)
     target, _, text, _ = inputs(cfg, seed=1)
@@ -120,6 +126,8 @@ def test_oracle_velocity_lands_on_target_and_loss_skips_prefix():
     assert fm_loss(oracle, target, text, prefix=0, generator=torch.Generator().manual_seed(0)) < 1e-8
 
 
+@pytest.mark.exercise("streaming", points=3)
+@pytest.mark.uses("controlnet", "euler", "expert_adaln")
 def test_streaming_prefix_held_fixed():
     dit, ctrl = models()
     perturb(ctrl)
@@ -134,6 +142,8 @@ def test_streaming_prefix_held_fixed():
     assert (a[:, :, p:] - b[:, :, p:]).abs().max() > 1e-3  # the new frames do look at the prefix
 
 
+@pytest.mark.exercise("euler", points=4)
+@pytest.mark.uses("controlnet", "expert_adaln")
 def test_guidance_one_is_conditional_and_guidance_formula():
     dit, ctrl = models()
     perturb(ctrl)
@@ -149,6 +159,7 @@ def test_guidance_one_is_conditional_and_guidance_formula():
                                noise - (v_u + 4.0 * (v_c - v_u)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.uses("euler", "expert_adaln", "flow_matching")
 def test_time_reaches_the_embedding_in_fp32_under_bf16(monkeypatch):
     """A bf16 model must see the same times as an fp32 one: the shifted grid of euler_sample and the
     logit-normal draws of fm_loss, not their bf16 roundings (up to 4e-3 near t = 1)."""
@@ -173,6 +184,7 @@ def test_time_reaches_the_embedding_in_fp32_under_bf16(monkeypatch):
     assert any((t != t.bfloat16().float()).any() for t in runs[torch.bfloat16])  # bf16 would have rounded these
 
 
+@pytest.mark.uses("controlnet", "expert_adaln")
 def test_token_counts_and_full_size_on_meta():
     x, t, text, sem = inputs()
     dit = DiT(CFG)
@@ -218,6 +230,8 @@ def test_bad_input_says_what_fits():
             f()
 
 
+@pytest.mark.exercise("flow_matching", points=3)
+@pytest.mark.uses("expert_adaln")
 def test_overfit_lowers_fm_loss():
     torch.manual_seed(0)
     dit = DiT(CFG)
@@ -241,6 +255,8 @@ def test_overfit_lowers_fm_loss():
     assert end < 0.5 * start
 
 
+@pytest.mark.exercise("controlnet", points=2)
+@pytest.mark.uses("expert_adaln", "flow_matching")
 def test_branch_trains_through_a_frozen_base():
     dit, ctrl = models()
     dit.requires_grad_(False)

@@ -48,6 +48,7 @@ def test_rope_turns_adjacent_pairs_at_falling_frequencies(module):
 
 @pytest.mark.exercise("rope_3d", points=3)
 @pytest.mark.parametrize("decoder", [False, True])
+@pytest.mark.uses("masks", "rope")
 def test_rope_3d_positions(decoder):
     frames, h, w, n_i, n_p, split = 3, 2, 3, 4, 2, (2, 3, 3)
     cos, sin, mask = tokenizer.sequence_layout(frames, h, w, n_i, n_p, split, decoder, torch.device("cpu"))
@@ -126,6 +127,7 @@ def test_expert_adaln_modulates_text_and_video_apart():
 
 
 @pytest.mark.exercise("controlnet", points=3)
+@pytest.mark.uses("expert_adaln")
 def test_control_residuals_are_added_after_their_blocks():
     cfg = dataclasses.replace(diffusion.PRESETS["tiny"], depth=2, control_depth=2)
     torch.manual_seed(0)

@@ -39,6 +39,8 @@ def _stream(m, B=2, n=30, seed=2):
 
 
 @torch.no_grad()
+@pytest.mark.exercise("kv_cache", points=5)
+@pytest.mark.uses("lm_sampling", "lm_sequence", "rope")
 def test_kv_cache_equals_full_forward():
     m = _model()
     x = _stream(m)
@@ -56,6 +58,7 @@ def test_kv_cache_equals_full_forward():
 
 
 @torch.no_grad()
+@pytest.mark.uses("rope")
 def test_causality():
     m = _model()
     x = _stream(m)
@@ -82,6 +85,8 @@ def _greedy(m, text, frames, motion, keep):
     return torch.stack(out, 1)
 
 
+@pytest.mark.exercise("lm_sampling", points=3)
+@pytest.mark.uses("kv_cache", "lm_sequence", "rope")
 def test_cfg_rows():
     """Scale 1 is the conditional model; scale 0 the unconditional (null-text) one; a scale just above 1
     runs both rows in one batch and still equals the conditional model."""
@@ -95,6 +100,8 @@ def test_cfg_rows():
 
 
 @pytest.mark.parametrize("n_segments", [1, 2])
+@pytest.mark.exercise("lm_sequence", points=3)
+@pytest.mark.uses("kv_cache", "lm_sampling", "rope")
 def test_structure_tokens_in_place(n_segments):
     """What generate feeds the model is exactly token_layout with the sampled codes in its code slots, even
     when the model would much rather say a structure token; counts per segment are right."""
@@ -118,6 +125,8 @@ def test_structure_tokens_in_place(n_segments):
     assert (layout < 0).sum() == n_segments * cfg.tokens_per_segment == n_segments * (cfg.n_i + 2 * cfg.n_p)
 
 
+@pytest.mark.exercise("lm_sequence", points=2)
+@pytest.mark.uses("kv_cache", "lm_sampling", "rope")
 def test_prefix_codes_continue_the_stream():
     m = _model()
     text, frames, motion = _inputs()
@@ -131,6 +140,8 @@ def test_prefix_codes_continue_the_stream():
     assert calls == [(i, steps) for i in range(1, steps + 1)]
 
 
+@pytest.mark.exercise("lm_sequence", points=4)
+@pytest.mark.uses("kv_cache", "lm_sampling", "rope")
 def test_initial_loss_and_overfit():
     cfg = PRESETS["tiny"]
     torch.manual_seed(0)
@@ -157,6 +168,8 @@ def test_initial_loss_and_overfit():
 
 
 @torch.no_grad()
+@pytest.mark.exercise("attention", points=2)
+@pytest.mark.uses("rope")
 def test_manual_attention_equals_sdpa():
     m = _model()
     manual = SemanticLM(dataclasses.replace(CFG, attn_impl="manual")).eval()
@@ -170,6 +183,7 @@ def test_manual_attention_equals_sdpa():
     assert (enc(ids) - enc_m(ids)).abs().max() < 1e-5
 
 
+@pytest.mark.uses("rope")
 def test_micro_conditions_zero_init_and_scaling():
     torch.manual_seed(0)
     m = SemanticLM(CFG).eval()
@@ -184,6 +198,7 @@ def test_micro_conditions_zero_init_and_scaling():
         assert torch.nn.functional.cosine_similarity(e[i, k], e[j, k], dim=0) < 0.9
 
 
+@pytest.mark.uses("rope")
 def test_text_encoder_vocabulary_round_trip():
     words = TextEncoder.build_vocab(CAPTIONS)
     assert words == sorted(set(words)) and "square" in words and "," not in words and "Moving" not in words
@@ -213,6 +228,7 @@ def test_text_encoder_vocabulary_round_trip():
         TextEncoder(CFG, words[:-1]).load_state_dict(sd)
 
 
+@pytest.mark.uses("lm_sequence")
 def test_bad_input():
     m, enc = _model(), TextEncoder(CFG, TextEncoder.build_vocab(CAPTIONS))
     text, frames, motion = _inputs()

@@ -56,6 +56,7 @@ def frames_of(path):
     return np.stack(imageio.mimread(str(path)))[..., :3]  # (T, H, W, 3)
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_one_clip_has_the_models_shape_and_each_stage_reports(ckpt, tmp_path, capsys):
     out = tmp_path / "clip.gif"
     sample.main(["--ckpt", str(ckpt), "--out", str(out), "--prompt", "a red circle moving left", *FAST])
@@ -67,6 +68,7 @@ def test_one_clip_has_the_models_shape_and_each_stage_reports(ckpt, tmp_path, ca
         assert re.search(rf"{stage}: {re.escape(str(shape))} in \d", log), log
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_batch_writes_one_clip_per_line_and_a_manifest(ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\n\na blue square moves up\n")  # blank lines are skipped
@@ -85,6 +87,8 @@ def test_batch_writes_one_clip_per_line_and_a_manifest(ckpt, tmp_path):
     assert np.array_equal(frames_of(out / "0001.gif"), frames_of(single))
 
 
+@pytest.mark.exercise("streaming", points=3)
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d")
 def test_long_clip_streams_window_by_window(ckpt, tmp_path, capsys):
     out = tmp_path / "long.mp4"  # also the mp4 path (imageio-ffmpeg)
     sample.main(["--ckpt", str(ckpt), "--frames", "41", "--out", str(out), *FAST])
@@ -100,6 +104,7 @@ def test_long_clip_streams_window_by_window(ckpt, tmp_path, capsys):
     assert "vae: (1, 3, 41," in log
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_same_seed_same_clip_and_the_offload_path_agrees(ckpt):
     p = sample.load_pipeline(str(ckpt))
     kw = dict(frames=17, steps=2, top_k=50)
@@ -111,6 +116,7 @@ def test_same_seed_same_clip_and_the_offload_path_agrees(ckpt):
     assert sample.generate_video(p, CAPTIONS[:1], seed=3, baseline=True, **kw).shape == a.shape
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_diffusion_noise_does_not_depend_on_the_lms_draws(ckpt, monkeypatch):
     """The LM has its own generator: greedy decoding draws no random numbers, sampling draws many, the
     baseline runs no LM at all, and the DiT sees the same noise for the same seed in all three."""
@@ -129,6 +135,7 @@ def test_diffusion_noise_does_not_depend_on_the_lms_draws(ckpt, monkeypatch):
     assert torch.equal(noise[1], noise[5]) and not torch.equal(noise[0], noise[1])
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_baseline_samples_the_base_dit_alone(ckpt, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\na blue square moves up\n")
@@ -146,6 +153,7 @@ def test_baseline_samples_the_base_dit_alone(ckpt, tmp_path, capsys):
     assert not np.array_equal(frames_of(single), frames_of(landiff))
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_mp4_falls_back_to_gif_without_ffmpeg(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails, as when it is not installed
     sample.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "x.mp4"), "--steps", "1"])
@@ -209,6 +217,7 @@ def test_corrupt_and_foreign_checkpoints(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stage", ["text", "lm", "tokenizer", "dit", "vae"])
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_nan_in_a_stage_stops_there_and_names_it(ckpt, tmp_path, capsys, stage):
     def poison(ck):  # every weight of that stage NaN: its output goes bad, nothing before it does
         key = "text" if stage == "text" else "model"
@@ -219,6 +228,7 @@ def test_nan_in_a_stage_stops_there_and_names_it(ckpt, tmp_path, capsys, stage):
     assert f"NaN/inf in the {stage} stage" in msg and "fp32" in msg
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "expert_adaln", "kv_cache", "lm_sequence", "masks", "rope", "rope_3d")
 def test_full_dry_run_counts_every_stage_on_meta(capsys):
     with torch.device("meta"):
         expect = {"LM": lm.SemanticLM(lm.PRESETS["full"]), "tokenizer": tokenizer.SemanticTokenizer(tokenizer.PRESETS["full"]),

@@ -20,6 +20,7 @@ def _bounded_to_z(fsq, bounded):
 
 
 @pytest.mark.parametrize("levels", [(8, 5, 5, 5), (8, 8, 8, 4), (3, 4)])
+@pytest.mark.exercise("fsq", points=2)
 def test_fsq_round_trip_every_index(levels):
     fsq = FSQ(levels)
     idx = torch.arange(fsq.codebook_size)
@@ -31,6 +32,7 @@ def test_fsq_round_trip_every_index(levels):
     assert torch.equal(idx2, idx) and torch.equal(codes2, codes)
 
 
+@pytest.mark.exercise("fsq", points=4)
 def test_fsq_codes_on_grid_and_straight_through():
     torch.manual_seed(0)
     fsq = FSQ((8, 5, 5, 5))
@@ -52,6 +54,8 @@ def test_fsq_codes_on_grid_and_straight_through():
         fsq(torch.zeros(2, 3))
 
 
+@pytest.mark.exercise("attention", points=2)
+@pytest.mark.uses("masks")
 def test_attention_manual_matches_sdpa():
     torch.manual_seed(0)
     time, is_frame = token_times(3, 4, 3, 2)
@@ -60,6 +64,8 @@ def test_attention_manual_matches_sdpa():
         torch.testing.assert_close(attention(q, k, v, mask, "manual"), attention(q, k, v, mask, "sdpa"))
 
 
+@pytest.mark.exercise("attention", points=2)
+@pytest.mark.uses("fsq", "masks", "rope", "rope_3d")
 def test_model_manual_matches_sdpa():
     torch.manual_seed(0)
     sdpa = SemanticTokenizer(TINY).eval()
@@ -100,6 +106,7 @@ def _visible_pairs(time, is_frame):
 
 
 @pytest.mark.parametrize("frames,hw,n_i,n_p", [(3, 4, 3, 2), (5, 16, 16, 4)])  # a toy layout, the tiny preset
+@pytest.mark.exercise("masks", points=3)
 def test_mask_structure(frames, hw, n_i, n_p):
     assert (5, 16, 16, 4) == (TINY.frames, TINY.feat_h * TINY.feat_w, TINY.n_i, TINY.n_p)
     time, is_frame = token_times(frames, hw, n_i, n_p)
@@ -109,6 +116,8 @@ def test_mask_structure(frames, hw, n_i, n_p):
     assert _visible_pairs(time, is_frame) == (int(enc.sum()), int(dec.sum()))
 
 
+@pytest.mark.exercise("masks", points=2)
+@pytest.mark.uses("fsq", "rope", "rope_3d")
 def test_full_preset_counts_on_meta():
     full = PRESETS["full"]
     assert (full.n_tokens, full.codebook_size) == (1218, 2048)
@@ -133,6 +142,8 @@ def test_full_preset_counts_on_meta():
     assert model.encoder.blocks[0].qkv.bias is None and model.encoder.blocks[0].qkv.weight.shape == (2304, 768)
 
 
+@pytest.mark.exercise("masks", points=4)
+@pytest.mark.uses("fsq", "rope", "rope_3d")
 def test_frame_causality_and_prefixes():
     torch.manual_seed(0)
     model = SemanticTokenizer(TINY).eval()
@@ -156,6 +167,7 @@ def test_frame_causality_and_prefixes():
             torch.testing.assert_close(model.encoder(feats[:, : f + 1]), z[:, :n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.uses("fsq", "masks", "rope", "rope_3d")
 def test_shapes_features_and_bad_input():
     torch.manual_seed(0)
     model, source = SemanticTokenizer(TINY), FrozenPatchFeatures(TINY)
@@ -203,6 +215,7 @@ def _moving_squares(n, seed=0):
     return video
 
 
+@pytest.mark.uses("masks", "rope", "rope_3d")
 def test_initialize_weights():
     torch.manual_seed(0)
     model = SemanticTokenizer(TINY)
@@ -212,6 +225,7 @@ def test_initialize_weights():
     assert 0 < z.abs().max() < 0.5  # every token starts near the grid's centre, in tanh's linear range
 
 
+@pytest.mark.uses("fsq", "masks", "rope", "rope_3d")
 def test_overfit_lowers_loss():
     torch.manual_seed(0)
     model = SemanticTokenizer(TINY)

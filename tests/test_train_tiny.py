@@ -78,6 +78,7 @@ def test_long_clip_continuity_is_judged():
     assert j["breaks"] == ["a chunk stalls or turns"] and j["speeds"][3] < 1e-9 and j["direction"] == s[0]["direction"]
 
 
+@pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "flow_matching", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
     out = str(tmp_path / "tiny")
     report = train_tiny.main(["--out", out, "--steps", "2", "--eval-seeds", "1", "--euler-steps", "2"])
@@ -110,6 +111,7 @@ def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
         torch.testing.assert_close(P[f]["rec"][3], ctx["tok"].decode(P[f]["ids"][3].view(-1, ctx["tok"].cfg.n_tokens)))
 
 
+@pytest.mark.uses("causal_conv")
 def test_resume_after_an_interrupt_finishes_where_an_uninterrupted_run_does(tmp_path, monkeypatch, capsys):
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
     train_tiny.main(["--out", whole, "--stage", "vae", "--steps", "6"])
@@ -134,6 +136,7 @@ def test_resume_after_an_interrupt_finishes_where_an_uninterrupted_run_does(tmp_
         assert torch.equal(a["model"][k], b["model"][k]), k  # same data, same noise, same optimizer: same weights
 
 
+@pytest.mark.uses("fsq", "masks", "rope", "rope_3d")
 def test_checkpoints_remember_their_seed_for_eval_and_resume(tmp_path):
     out = str(tmp_path / "s3")
     assert train_tiny.recorded_seed(out) == 0  # nothing trained yet

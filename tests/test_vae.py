@@ -12,6 +12,7 @@ def tiny(seed=0):
     return VAE(PRESETS["tiny"])
 
 
+@pytest.mark.uses("causal_conv")
 def test_shapes_and_bad_input():
     vae = tiny()
     with torch.no_grad():
@@ -38,6 +39,7 @@ def test_shapes_and_bad_input():
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
+@pytest.mark.exercise("causal_conv", points=2)
 def test_causal(k):
     """Latent k summarises RGB frames 4k-3..4k, so changing frames > 4k leaves latents
     0..k and reconstructed frames 0..4k exactly as they were, and does change the rest."""
@@ -54,6 +56,7 @@ def test_causal(k):
     assert (y2[:, :, 4 * k + 1] - y[:, :, 4 * k + 1]).abs().max() > 1e-3
 
 
+@pytest.mark.exercise("causal_conv", points=4)
 def test_chunked_decode_equals_whole():
     vae = tiny()
     z = torch.randn(1, 8, 6, 4, 4)  # 6 latent frames -> 21 RGB frames (an even count: odd last chunks too)
@@ -64,6 +67,7 @@ def test_chunked_decode_equals_whole():
             torch.testing.assert_close(vae.decode(z, chunk=chunk), whole, atol=1e-5, rtol=0)
 
 
+@pytest.mark.uses("causal_conv")
 def test_full_preset_on_meta():
     """Release size (CogVideoX-2B VAE, 215,583,907 parameters) and its shapes, never allocated."""
     with torch.device("meta"):
@@ -87,6 +91,7 @@ def test_initialize_weights():
         assert torch.equal(tensor, release_init[name]), name
 
 
+@pytest.mark.uses("causal_conv")
 def test_overfit_one_clip():
     """A short run on one toy clip (a red square moving right on black) halves the
     error and beats the best constant colour, so it has learnt the object, not only black."""
