@@ -19,8 +19,9 @@ input: each exercise's functions, the student's and this repository's, are impor
 cover is lent from the reference (the other exercises' functions, and sample.py's stages), so a
 gap elsewhere does not fail this exercise. Outputs are compared in float64 with
 max|student - reference| <= atol + rtol * max|reference|: rtol 1e-4 on a CPU, 2e-3 on CUDA and MPS
-(TF32 is switched off), discrete outputs (indices, masks, token ids) exactly. Each exercise's
-oracle is worth ORACLE_POINTS and counts as one more test of that exercise.
+(TF32 is switched off); discrete outputs (indices, masks, layouts) exactly, sampled token ids up to
+1% of rows (a float hair can tip one draw), uint8 frames within one level. Each exercise's oracle
+is worth ORACLE_POINTS and counts as one more test of that exercise.
 
 grade.json (for a learning-management system):
     {"exercises": {name: {"passed": n, "total": n, "points": x, "max_points": x}}, "points": x, "max_points": x}
@@ -251,7 +252,7 @@ class Oracle:
     def randn(self, *shape, scale=1.0):
         return (self.torch.randn(*shape, generator=self.gen()) * scale).to(self.device)
 
-    def close(self, mine, theirs, what):
+    def close(self, mine, theirs, what, atol=None):
         mine, theirs = self.torch.as_tensor(mine), self.torch.as_tensor(theirs)
         assert mine.shape == theirs.shape, f"{what}: shape {tuple(mine.shape)}, expected {tuple(theirs.shape)}"
         if not theirs.is_floating_point():
@@ -263,7 +264,7 @@ class Oracle:
         assert bool(self.torch.isfinite(mine).all()) == bool(self.torch.isfinite(theirs).all()), \
             f"{what}: non-finite values where the reference has none (or the reverse)"
         err = (mine - theirs).abs().max().item() if mine.numel() else 0.0
-        tol = self.atol + self.rtol * (theirs.abs().max().item() if theirs.numel() else 0.0)
+        tol = (self.atol if atol is None else atol) + self.rtol * (theirs.abs().max().item() if theirs.numel() else 0.0)
         assert err <= tol, f"{what}: max |difference| {err:.3g} > tolerance {tol:.3g}"
 
     def perturbed(self, module, scale=0.05):
@@ -501,7 +502,8 @@ class Oracle:
         seed = self.rng.randrange(2**31)
         videos = [mod["sample"].generate_video(pipeline, ["a red circle"], frames, seed=seed, steps=1, temperature=0)
                   for mod in (self.student, self.ref)]
-        self.close(videos[0].float(), videos[1].float(), f"generate_video, {frames} frames")
+        # uint8 frames: one level of rounding is the float tolerance's trace, more is a wrong window
+        self.close(videos[0].float(), videos[1].float(), f"generate_video, {frames} frames", atol=1.0)
 
 
 def run_oracle(folder, reference, seed, device, names=None):
