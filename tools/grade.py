@@ -146,15 +146,28 @@ def tally(tests, oracle=None):
             "max_points": sum(e["max_points"] for e in exercises.values())}
 
 
+def blockers(tests, name):
+    """{other exercise: failed tests of `name` that stopped at its NotImplementedError} (a prerequisite not done)."""
+    found = {}
+    for record in tests.values():
+        error = record["error"] or ""
+        other = error.split(": ")[1] if error.startswith("NotImplementedError: ") else None
+        if record["outcome"] == "failed" and other not in (None, name) and name in (n for n, _ in record["exercises"]):
+            found[other] = found.get(other, 0) + 1
+    return found
+
+
 def table(grade, tests, oracle=None, seed=None):
     lines = [f"{'exercise':<16} {'passed':>9} {'points':>9}"]
     for name, e in grade["exercises"].items():
-        lines.append(f"{name:<16} {e['passed']:>4}/{e['total']:<4} {e['points']:>4g}/{e['max_points']:<4g}")
+        waiting = ", ".join(f"{n} by {other}" for other, n in sorted(blockers(tests, name).items()))
+        lines.append(f"{name:<16} {e['passed']:>4}/{e['total']:<4} {e['points']:>4g}/{e['max_points']:<4g}"
+                     + (f"  (blocked: {waiting})" if waiting else ""))
     lines.append(f"{'total':<16} {'':>9} {grade['points']:>4g}/{grade['max_points']:<4g}")
     integration = [r for r in tests.values() if not r["exercises"] and r["uses"]]
     if integration:
         passed = sum(r["outcome"] == "passed" for r in integration)
-        lines.append(f"integration tests (ungraded, they run every stage): {passed}/{len(integration)} passed")
+        lines.append(f"tests that only use exercises (ungraded): {passed}/{len(integration)} passed")
     for name, (passed, message) in (oracle or {}).items():
         lines.append(f"oracle {name:<16} {'ok' if passed else 'FAILED'}{'' if passed else ': ' + message}")
     if oracle:
