@@ -50,9 +50,12 @@ def test_rope_turns_adjacent_pairs_at_falling_frequencies(module):
 @pytest.mark.parametrize("decoder", [False, True])
 @pytest.mark.uses("masks", "rope")
 def test_rope_3d_positions(decoder):
-    frames, h, w, n_i, n_p, split = 3, 2, 3, 4, 2, (2, 3, 3)
+    frames, h, w = 3, 2, 3  # a toy layout: 3 frames of 2x3 tokens
+    n_i, n_p = 4, 2
+    split = (2, 3, 3)  # rotary pairs for time, rows, columns
     cos, sin, mask = tokenizer.sequence_layout(frames, h, w, n_i, n_p, split, decoder, torch.device("cpu"))
-    n_frame_tokens, n_queries = frames * h * w, n_i + (frames - 1) * n_p
+    n_frame_tokens = frames * h * w
+    n_queries = n_i + (frames - 1) * n_p
     assert cos.shape == sin.shape == (n_frame_tokens + n_queries, sum(split))
     angles = torch.atan2(sin, cos)  # (S, pairs), in (-pi, pi]
     time, is_frame = tokenizer.token_times(frames, h * w, n_i, n_p)
@@ -113,7 +116,9 @@ def test_expert_adaln_modulates_text_and_video_apart():
     with torch.no_grad():
         ada.weight.zero_()
         ada.bias.copy_(chunks.flatten())  # the chunks, whatever the time embedding
-    emb, txt, vid = torch.randn(2, time_dim, generator=g), torch.randn(2, 3, D, generator=g), torch.randn(2, 7, D, generator=g)
+    emb = torch.randn(2, time_dim, generator=g)
+    txt = torch.randn(2, 3, D, generator=g)  # 3 text tokens
+    vid = torch.randn(2, 7, D, generator=g)  # 7 video tokens
     h_txt, h_vid, g_txt, g_vid = diffusion.expert_adaln(norm, ada, emb, txt, vid)
     torch.testing.assert_close(h_vid, norm(vid) * (1 + chunks[1]) + chunks[0])
     torch.testing.assert_close(h_txt, norm(txt) * (1 + chunks[4]) + chunks[3])
@@ -136,8 +141,10 @@ def test_control_residuals_are_added_after_their_blocks():
         for p in [*dit.parameters(), *net.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
     g = torch.Generator().manual_seed(1)
-    x, text = torch.randn(1, cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=g), torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
-    t, sem = torch.rand(1, generator=g), torch.randn(1, cfg.frames, cfg.sem_dim, *cfg.sem_hw, generator=g)
+    x = torch.randn(1, cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=g)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+    t = torch.rand(1, generator=g)
+    sem = torch.randn(1, cfg.frames, cfg.sem_dim, *cfg.sem_hw, generator=g)
     L = cfg.text_len
     with torch.no_grad():
         residuals = net(x, t, text, sem)

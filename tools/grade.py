@@ -251,7 +251,10 @@ class Oracle:
     def __init__(self, student, ref, seed, device):
         import torch
 
-        self.torch, self.student, self.ref, self.device = torch, student, ref, torch.device(device)
+        self.torch = torch
+        self.student = student
+        self.ref = ref
+        self.device = torch.device(device)
         self.rng = random.Random(seed)
         self.seed = seed
         self.rtol = 1e-4 if self.device.type == "cpu" else 2e-3
@@ -337,7 +340,8 @@ class Oracle:
 
     def rope(self):
         for module in ("tokenizer", "lm"):
-            n_pairs, theta = self.rng.randint(1, 24), self.rng.choice([10000.0, 500.0, 1e6])
+            n_pairs = self.rng.randint(1, 24)
+            theta = self.rng.choice([10000.0, 500.0, 1e6])
             pos = self.torch.randint(0, 5000, (self.rng.randint(1, 40),), generator=self.gen()).to(self.device)
             mine, theirs = self.student[module].rope_angles(pos, n_pairs, theta), self.ref[module].rope_angles(pos, n_pairs, theta)
             self.close(mine, theirs, f"{module}.rope_angles")
@@ -485,7 +489,8 @@ class Oracle:
         cfg = self.diffusion_cfg()
         dit, control = self.dit_pair(cfg)
         noise, _, text, sem = self.dit_inputs(cfg, self.rng.randint(1, 2))
-        steps, guidance = self.rng.randint(1, 4), self.rng.choice([1.0, self.rng.uniform(1.5, 4)])
+        steps = self.rng.randint(1, 4)
+        guidance = self.rng.choice([1.0, self.rng.uniform(1.5, 4)])
         for branch in ((None, None), (control, sem)):
             out = [mod["diffusion"].euler_sample(dit, noise, text, steps, guidance, *branch) for mod in (self.student, self.ref)]
             self.close(out[0], out[1], f"euler_sample({steps} steps, guidance {guidance:.2f}, ControlNet {branch[0] is not None})")
@@ -570,7 +575,8 @@ def main(argv=None):
     run = run_tests(folder, pytest_args, a.quiet)
     for line in run["collect_errors"]:
         print(f"could not collect {line}")
-    oracle, seed = None, a.seed
+    oracle = None
+    seed = a.seed
     if a.oracle:
         seed = seed if seed is not None else random.SystemRandom().randrange(10**6)
         if folder.resolve() == Path(a.reference).resolve():

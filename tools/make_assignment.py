@@ -50,7 +50,8 @@ class MarkerError(ValueError):
 def find_blocks(source, path="<source>"):
     """-> [(name, hint, begin_line, end_line, indent)] of the solution blocks in `source`
     (1-based line numbers of the two marker lines). Raises MarkerError naming the file and line."""
-    blocks, open_block = [], None
+    blocks = []
+    open_block = None  # (name, hint, line, indent) of the BEGIN not yet closed
     lines = source.splitlines()
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     for tok in tokens:
@@ -86,7 +87,8 @@ def find_blocks(source, path="<source>"):
 def strip_blocks(source, blocks, selected):
     """The source with each block in `selected` replaced by a raise, every marker line removed."""
     lines = source.splitlines(keepends=True)
-    out, previous_end = [], 0
+    out = []
+    previous_end = 0  # lines before this index are done
     for name, hint, start, end, indent in blocks:
         out += lines[previous_end:start - 1]
         if name in selected:
