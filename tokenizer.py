@@ -19,7 +19,7 @@ VAE latent frame k). "Groups ≤ f" are the first n_i + f·n_p tokens of a segme
         -FSQ-> ids (B,N) -FSQ.indices_to_codes-> codes (B,N,D) -Decoder-> feats (B,T,C,h,w)
 
 Shapes: B batch; T semantic frames (13 full, 5 tiny); C feature channels (768 / 192); h×w the
-feature grid (30×45 / 4×4); N tokens (1,218 / 32); D = len(levels) FSQ channels (4); W width;
+feature grid (30×45 / 4×4); N tokens (1,218 / 32); D code channels (FSQ: len(levels) = 4; VQ: 16); W width;
 H heads; S = T·h·w + N the transformer's sequence (frame tokens or mask tokens, then queries).
 
 References: LanDiff, Yin et al. 2025 (arXiv 2503.04606); TiTok, 1D tokenization with learned
@@ -28,10 +28,12 @@ queries, mask tokens, ln_pre/ln_post and the tanh head (arXiv 2406.07550); FSQ, 
 (arXiv 2407.20179), the release's frozen feature network. Every number: docs/DESIGN.md §3 and §7.
 
 Deliberately different from the release:
-- FSQ, levels (8,8,8,4) = 2,048 codes, instead of a 2,048 × 16-d VQ with EMA, k-means init and
-  a commitment loss: same vocabulary, no codebook collapse, and the loss is feature MSE only.
-  The encoder ends in one Linear(W, D) (release: Linear(W, 768), then the VQ's 768 → 16), the
-  decoder starts with one Linear(D, W) (release: the VQ's 16 → 768, then Linear(768, W)).
+- We train FSQ (tiny: levels (8,5,5,5); (8,8,8,4) would give the release's 2,048 codes) instead of
+  a 2,048 × 16-d VQ with EMA, k-means init and a commitment loss: no codebook collapse, and the
+  loss is feature MSE only. The full preset keeps the release's VQ lookup (quantizer="vq") so that
+  its weights load (release.py). The encoder ends in one Linear(W, D) (release: Linear(W, 768),
+  then the VQ's 768 → 16), the decoder starts with one Linear(D, W) (release: the VQ's 16 → 768,
+  then Linear(768, W)): two linear maps in a row are one.
 - Attention is the copied `attention` below (the math, or SDPA with the same bool mask), not
   flex attention with block masks; each mask is one comparison of per-token index vectors.
 - q, k, v come from one fused Linear (release: wq, wk, wv; concatenate them to load).
@@ -67,6 +69,9 @@ class TokenizerConfig:
     n_i: int = 16  # I-frame queries (group 0)
     n_p: int = 4  # P-frame queries per later frame (groups 1..frames-1)
     levels: tuple = (8, 5, 5, 5)  # FSQ levels per channel: 8·5·5·5 = 1,000 codes
+    quantizer: str = "fsq"  # "fsq" (ours, trained here) | "vq" (the release's codebook, for its weights)
+    vq_codes: int = 2048  # vq: codebook entries
+    vq_dim: int = 16  # vq: dimension of each entry
     rope_split: tuple = (4, 6, 6)  # rotary pairs for (time, rows, cols); sums to head_dim / 2
     attn_impl: str = "sdpa"  # "sdpa" | "manual"
     # feature source (FrozenPatchFeatures): RGB size, patch size, RGB frames per semantic frame
@@ -86,6 +91,8 @@ class TokenizerConfig:
         if len(self.rope_split) != 3 or 2 * sum(self.rope_split) != self.width // self.heads:
             raise ValueError(f"rope_split must be 3 pair counts (time, rows, cols) summing to head_dim/2 = "
                              f"{self.width // self.heads // 2}, got {self.rope_split}")
+        if self.quantizer not in ("fsq", "vq"):
+            raise ValueError(f"quantizer must be 'fsq' or 'vq', got {self.quantizer!r}")
         if not self.levels or min(self.levels) < 3:
             raise ValueError(f"levels must be integers >= 3 (the reference FSQ rejects 2), got {self.levels}")
         if (self.image_h, self.image_w) != (self.feat_h * self.patch, self.feat_w * self.patch):
@@ -100,15 +107,23 @@ class TokenizerConfig:
 
     @property
     def codebook_size(self):
-        return math.prod(self.levels)
+        return math.prod(self.levels) if self.quantizer == "fsq" else self.vq_codes
+
+    @property
+    def code_dim(self):  # D: channels of one token's code
+        return len(self.levels) if self.quantizer == "fsq" else self.vq_dim
 
 
 PRESETS = {
     "tiny": TokenizerConfig(),  # 0.90 M params (encoder 0.42 M, decoder 0.48 M); 32 tokens
-    "full": TokenizerConfig(  # 173.3 M (encoder 85.9 M, decoder 87.4 M; release 174.5 M); 1,218 tokens
+    # 173.3 M (encoder 85.9 M, decoder 87.4 M) + a 2,048 × 16 codebook; 1,218 tokens. The release holds
+    # 174.5 M: its encoder ends in Linear(768, 768) then the VQ's Linear(768, 16), its decoder starts with
+    # the VQ's Linear(16, 768) then Linear(768, 768); with nothing between them, each pair is one linear
+    # map, so ours holds one Linear(768, 16) and one Linear(16, 768) (release.py multiplies the pairs out).
+    "full": TokenizerConfig(
         feat_dim=768, frames=13, feat_h=30, feat_w=45, width=768, enc_depth=12, dec_depth=12,
         heads=12, mlp=3072, n_i=330, n_p=74, levels=(8, 8, 8, 4), rope_split=(8, 12, 12),
-        image_h=480, image_w=720, patch=16),
+        quantizer="vq", image_h=480, image_w=720, patch=16),
 }
 
 
@@ -240,6 +255,35 @@ class FSQ(nn.Module):
         # END SOLUTION
 
 
+class VQ(nn.Module):
+    """Vector quantization (VQ-VAE, arXiv 1711.00937), the release's tokenizer: a codebook of K
+    vectors of D channels; a code is the nearest entry (Euclidean), its index the token id. Here it
+    serves the release's trained codebook (release.py loads it); its EMA updates, k-means init and
+    commitment loss are not reproduced (ours trains FSQ), so the codebook is a buffer."""
+
+    def __init__(self, codes, dim):
+        super().__init__()
+        self.register_buffer("codebook", torch.empty(codes, dim))  # (K, D), filled by initialize_weights or a load
+
+    @property
+    def codebook_size(self):
+        return self.codebook.shape[0]
+
+    def forward(self, z):
+        """z (..., D) -> codes (..., D) (the nearest entries, straight-through gradient), indices (...) int64."""
+        check_vq_input(self.codebook.shape[1], z)
+        zf = z.float()
+        book = self.codebook.float()
+        # |z - c|^2 = |z|^2 - 2 z·c + |c|^2, without the (..., K, D) difference tensor
+        dist = zf.pow(2).sum(-1, keepdim=True) - 2 * zf @ book.T + book.pow(2).sum(-1)  # (..., K)
+        indices = dist.argmin(dim=-1)
+        codes = book[indices]  # (..., D)
+        return (zf + (codes - zf).detach()).to(z.dtype), indices
+
+    def indices_to_codes(self, indices):
+        return self.codebook[indices].float()  # (..., D)
+
+
 def token_times(frames, hw, n_i, n_p, device=None):
     """The index vectors every mask is one comparison of, for the sequence
     [frame tokens: `frames` frames × hw, row-major | queries: n_i, then n_p per later frame]:
@@ -328,7 +372,7 @@ class Encoder(nn.Module):
         self.norm_pre = nn.LayerNorm(cfg.width)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.enc_depth))
         self.norm_post = nn.LayerNorm(cfg.width)
-        self.to_code = nn.Linear(cfg.width, len(cfg.levels))
+        self.to_code = nn.Linear(cfg.width, cfg.code_dim)
 
     def forward(self, feats):
         cfg = self.cfg
@@ -353,7 +397,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.from_code = nn.Linear(len(cfg.levels), cfg.width)
+        self.from_code = nn.Linear(cfg.code_dim, cfg.width)
         self.mask_token = nn.Parameter(torch.empty(cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.dec_depth))
@@ -379,14 +423,14 @@ class Decoder(nn.Module):
 
 
 class SemanticTokenizer(nn.Module):
-    """Encoder -> FSQ -> Decoder. encode/decode take any prefix of groups: T = 1..frames
+    """Encoder -> FSQ (or the release's VQ) -> Decoder. encode/decode take any prefix of groups: T = 1..frames
     semantic frames <-> n_i + (T-1)·n_p tokens (a longer clip is several segments)."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.fsq = FSQ(cfg.levels)
+        self.quantizer = FSQ(cfg.levels) if cfg.quantizer == "fsq" else VQ(cfg.vq_codes, cfg.vq_dim)
         self.decoder = Decoder(cfg)
         self.initialize_weights()
 
@@ -402,6 +446,8 @@ class SemanticTokenizer(nn.Module):
         # gradient fades and many tokens round to the same outer code (codebook collapse).
         nn.init.normal_(self.encoder.to_code.weight, std=0.05 * self.cfg.width ** -0.5)
         nn.init.zeros_(self.encoder.to_code.bias)
+        if isinstance(self.quantizer, VQ):  # a random codebook of unit-scale entries until the release's is loaded
+            nn.init.normal_(self.quantizer.codebook)
         # Deliberately no zero-init of the decoder's head (DiT zero-inits its final layer): a zero head
         # passes no gradient to the layers below it, so the decoder first settles on the mean feature,
         # an output that ignores the tokens, and is slow to leave it.
@@ -409,21 +455,21 @@ class SemanticTokenizer(nn.Module):
     def forward(self, feats):
         """feats (B, T, C, h, w) -> (reconstruction (B, T, C, h, w), indices (B, N)), for training."""
         check_feats(self.cfg, feats)
-        codes, indices = self.fsq(self.encoder(feats))  # (B, N, D), (B, N)
+        codes, indices = self.quantizer(self.encoder(feats))  # (B, N, D), (B, N)
         return self.decoder(codes), indices
 
     @torch.no_grad()
     def encode(self, feats):
         """feats (B, T, C, h, w) -> token ids (B, n_i + (T-1)·n_p)."""
         check_feats(self.cfg, feats)
-        _, indices = self.fsq(self.encoder(feats))
+        _, indices = self.quantizer(self.encoder(feats))
         return indices
 
     @torch.no_grad()
     def decode(self, indices):
         """token ids (B, n_i + k·n_p) -> feats (B, k+1, C, h, w); frame f depends on groups <= f only."""
         check_indices(self.cfg, indices)
-        return self.decoder(self.fsq.indices_to_codes(indices).to(self.decoder.from_code.weight.dtype))
+        return self.decoder(self.quantizer.indices_to_codes(indices).to(self.decoder.from_code.weight.dtype))
 
 
 # ---------------------------------------------------------------------------- loss
@@ -457,6 +503,11 @@ def check_video(cfg, video):
 def check_fsq_input(level_counts, z):
     if z.shape[-1] != len(level_counts):
         raise ValueError(f"FSQ{level_counts} needs (..., {len(level_counts)}) inputs, got {tuple(z.shape)}")
+
+
+def check_vq_input(dim, z):
+    if z.shape[-1] != dim:
+        raise ValueError(f"VQ needs (..., {dim}) inputs, got {tuple(z.shape)}")
 
 
 def check_feats(cfg, feats):

@@ -72,7 +72,7 @@ def test_model_manual_matches_sdpa():
     manual = SemanticTokenizer(dataclasses.replace(TINY, attn_impl="manual")).eval()
     manual.load_state_dict(sdpa.state_dict())
     feats = torch.randn(2, TINY.frames, TINY.feat_dim, TINY.feat_h, TINY.feat_w)
-    codes = sdpa.fsq.indices_to_codes(torch.randint(0, TINY.codebook_size, (2, TINY.n_tokens)))
+    codes = sdpa.quantizer.indices_to_codes(torch.randint(0, TINY.codebook_size, (2, TINY.n_tokens)))
     with torch.no_grad():
         torch.testing.assert_close(manual.encoder(feats), sdpa.encoder(feats), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(manual.decoder(codes), sdpa.decoder(codes), atol=1e-5, rtol=1e-5)
