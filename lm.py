@@ -23,7 +23,7 @@ Differences from the release, on purpose:
 - Fixed-length batches, not packed variable-length sequences: the text always takes L slots;
   padded positions (zero vectors) go through the text MLP like the rest (a learned "pad" vector).
 - Micro-conditions are mapped from their allowed range onto [0, 1000] before the sinusoidal
-  features (SemanticLM.micro_embed); the release embeds the raw values.
+  features (SemanticLM.micro_embed); the release embeds the raw values (micro_raw=True, to load it).
 - q, k, v and the MLP's two input matrices are fused into one matmul each (speed). Rows map one to
   one onto transformers' LlamaForCausalLM (q/k rows permuted: we turn adjacent channel pairs,
   Llama turns halves); apart from our final LayerNorm it is the same network.
@@ -67,6 +67,7 @@ class LMConfig:
     micro_hidden: int = 128  # hidden width of each micro-condition MLP (release: 512)
     frames_max: int = 32  # micro-condition `frames` (semantic frames of the clip) must lie in [1, frames_max]
     motion_max: float = 2.0  # micro-condition `motion` (motion score) must lie in [0, motion_max]
+    micro_raw: bool = False  # embed the raw micro-condition values, as the release (its weights expect them)
     # the tiny word-level TextEncoder (its width is text_dim)
     text_depth: int = 2
     text_heads: int = 4
@@ -388,7 +389,7 @@ class SemanticLM(nn.Module):
         slots = []
         for name, value, lo, hi in (("frames", frames, 1, cfg.frames_max), ("motion", motion, 0.0, cfg.motion_max)):
             _check_range(name, value, lo, hi)
-            t = 1000.0 * (value.float() - lo) / (hi - lo)  # (B,) in [0, 1000]
+            t = value.float() if cfg.micro_raw else 1000.0 * (value.float() - lo) / (hi - lo)  # (B,) in [0, 1000]
             slots.append(self.micro[name](timestep_embedding(t, cfg.micro_dim).to(self.head.weight.dtype)))
         return torch.stack(slots, dim=1)  # (B, 2, W)
 
