@@ -52,7 +52,7 @@ def dry_run(p, preset, frames, K):
         hint = p.control.hint(e(1, d.frames, d.sem_dim, *d.sem_hw))
         return p.control(x, tt, txt, hint=torch.cat([hint, hint]))
     rows = [("text encoder", p.text, [p.text], lambda: e(1, d.text_len, d.text_dim)), ("LM", p.lm, [p.lm], lm_call),
-            ("tokenizer", p.tok, [p.tok], lambda: p.tok.decoder(e(K, t.n_tokens, len(t.levels)))),
+            ("tokenizer", p.tok, [p.tok], lambda: p.tok.decoder(e(K, t.n_tokens, t.code_dim))),
             ("ControlNet + upsampler", p.control, [p.dit, p.control], control_call),  # both on the GPU
             ("DiT", p.dit, [p.dit, p.control], lambda: p.dit(x, tt, txt, [e(2, d.seq, d.width)] * d.control_depth)),
             ("VAE", p.vae, [p.vae], lambda: p.vae.decode(e(1, v.z_ch, n_sem, d.lat_h, d.lat_w), chunk=2))]
