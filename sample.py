@@ -5,8 +5,8 @@
 
 Long clips stream: the LM writes one token segment per diffusion window, each window keeps the
 previous window's last `prefix` latent frames clean, the VAE decodes chunk by chunk with its cache.
-Full size: T5-XXL is not included (the text is a seeded random stand-in of its shape, (B, 226, 4096))
-and without out/full every weight is random: such a run measures time and memory, and says so loudly.
+Full size: --weights DIR samples the released weights (release.py); without them every weight is random
+and T5-XXL a seeded random stand-in: such a run measures time and memory, and says so loudly.
 
     python sample.py --prompt "a red circle moving left"        # out/tiny checkpoints -> sample.gif
     python sample.py --prompt "a cyan circle moving up" --frames 41 --out long.mp4   # 4 windows
@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import diffusion
 import lm
+import release
 import tokenizer
 import vae
 
@@ -71,9 +72,10 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
     control: "diffusion.ControlNet" = None
     device: torch.device = None  # where the stages run; None: where the DiT's weights are
     offload: bool = False  # stages wait on the CPU and visit `device` one at a time (full size)
+    text_dit: torch.nn.Module = None  # the DiT's own text encoder (release: T5-v1.1-XXL; `text` is Flan-T5-XXL)
 
     def modules(self):
-        return [m for m in (self.text, self.lm, self.tok, self.dit, self.control, self.vae) if m is not None]
+        return [m for m in (self.text, self.text_dit, self.lm, self.tok, self.dit, self.control, self.vae) if m is not None]
 
 
 def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAGES)):
@@ -111,10 +113,8 @@ def check_contracts(p):
     tok, lm_cfg, dit = p.tok.cfg, p.lm.cfg, p.dit.cfg
     pairs = [("LM codebook_size", lm_cfg.codebook_size, "tokenizer codebook", tok.codebook_size),
              ("LM tokens per segment", lm_cfg.tokens_per_segment, "tokenizer n_tokens", tok.n_tokens),
-             ("DiT latent_ch", dit.latent_ch, "VAE z_ch", p.vae.cfg.z_ch),
-             ("DiT sem_dim", dit.sem_dim, "tokenizer feat_dim", tok.feat_dim),
-             ("DiT window frames", dit.frames, "tokenizer frames", tok.frames),
-             ("DiT text_dim", dit.text_dim, "LM text_dim", lm_cfg.text_dim)]
+             ("DiT latent_ch", dit.latent_ch, "VAE z_ch", p.vae.cfg.z_ch), ("DiT sem_dim", dit.sem_dim, "tokenizer feat_dim", tok.feat_dim),
+             ("DiT window frames", dit.frames, "tokenizer frames", tok.frames), ("DiT text_dim", dit.text_dim, "LM text_dim", lm_cfg.text_dim)]
     for name, value, other_name, other_value in pairs:
         if value != other_value:
             raise SystemExit(f"error: checkpoints disagree: {name} = {value} but {other_name} = {other_value}")
@@ -148,6 +148,7 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
     stage = functools.partial(run_stage, p.offload, device, log)
     # 1. Text -> semantic tokens: the prompt's encoding (it also conditions the DiT), then one segment of ids per window
     text = stage("text", [p.text], lambda: p.text(p.text.tokenize(prompts))).to(device, dtype)  # (B, L, D)
+    text_dit = text if p.text_dit is None else stage("text_dit", [p.text_dit], lambda: p.text_dit(prompts)).to(device, dtype)
     sem = None
     if not baseline:
         n_sem = 1 + (frames - 1) // p.vae.cfg.temporal_factor  # the LM's `frames` condition: semantic frames
@@ -158,7 +159,7 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
         sem = stage("tokenizer", [p.tok], lambda: p.tok.decode(codes.view(-1, p.tok.cfg.n_tokens))).unflatten(0, (-1, K))
     # 3. Semantic features -> latents: DiT + ControlNet denoise window after window, each continuing the last
     latents = stage("dit", [p.dit, None if baseline else p.control],
-                    lambda: denoise(p, text, sem, windows=K, steps=steps, guidance=guidance_dit,
+                    lambda: denoise(p, text_dit, sem, windows=K, steps=steps, guidance=guidance_dit,
                                     generator=noise_generator, progress=progress))  # (B, C, T_lat, h, w)
     # 4. Latents -> frames: the VAE decoder, two latent frames at a time with its causal cache
     video = stage("vae", [p.vae], lambda: p.vae.decode(latents / p.vae.cfg.scale_factor, chunk=2))  # (B, 3, T, H, W)
@@ -173,8 +174,7 @@ def denoise(p, text, sem, windows, steps, guidance, generator, progress):
     for k in range(windows):
         noise = torch.randn(text.shape[0], cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=generator)
         window = diffusion.euler_sample(p.dit, noise.to(text.device, text.dtype), text, steps, guidance=guidance,
-                                        controlnet=None if sem is None else p.control,
-                                        sem=None if sem is None else sem[:, k],
+                                        controlnet=None if sem is None else p.control, sem=None if sem is None else sem[:, k],
                                         prefix=None if k == 0 else latents[:, :, -cfg.prefix:],
                                         progress=functools.partial(progress, f"dit {k + 1}/{windows}") if progress else None)
         latents = window if k == 0 else torch.cat([latents, window[:, :, cfg.prefix:]], dim=2)
@@ -290,12 +290,12 @@ def main(argv=None):
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA, else fp32")
     ap.add_argument("--dry-run", action="store_true", help="meta device only: parameters, shapes, memory estimate")
-    args = ap.parse_args(argv)
+    args = release.parse_args(ap, argv)  # adds --weights DIR: the release's weights, full size, its sampler defaults
     try:
         if args.dry_run:  # tools/dry_run.py: meta-device tracing has nothing to teach about sampling
             from tools.dry_run import dry_run
-            with torch.device("meta"):
-                p = random_pipeline(args.preset)
+            with torch.device("meta"):  # --weights: the folder's tensor names and shapes are checked first
+                p = release.meta_pipeline(args.weights) if args.weights else random_pipeline(args.preset)
             return dry_run(p, args.preset, *clip_windows(p, args.frames))
         return run(args)
     except (ValueError, FloatingPointError, OSError) as e:  # the stages' messages already say what is allowed
@@ -308,13 +308,13 @@ def run(args):
     device = next(k for k in ("cuda", "mps", "cpu") if have[k]) if args.device == "auto" else args.device  # chosen once
     if not have[device]:
         raise SystemExit(f"error: --device {device} is not available here; use --device auto or cpu")
-    if args.preset == "full" and device == "cpu":
+    if args.preset == "full" and device == "cpu" and not args.weights:
         raise SystemExit("error: --preset full (5.1 B parameters) needs a GPU (--device cuda or mps); "
                          "on a CPU use --preset full --dry-run, or --preset tiny")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
     prompts, paths = outputs(args)
-    p = pipeline(args, device, dtype)
+    p = release.load_release(args.weights, device, dtype, offload=True) if args.weights else pipeline(args, device, dtype)
     frames, _ = clip_windows(p, args.frames)  # a ValueError naming the schedule
     if not 0 <= args.motion_score <= p.lm.cfg.motion_max:
         raise SystemExit(f"error: --motion-score must lie in [0, {p.lm.cfg.motion_max}] (the LM's), got {args.motion_score}")
