@@ -246,3 +246,24 @@ def test_vprediction_with_an_oracle_lands_on_x0_and_round_trips():
     alpha, sigma = alpha.view(-1, 1, 1), sigma.view(-1, 1, 1)
     v, x = torch.randn_like(x0), torch.randn_like(x0)
     torch.testing.assert_close(vpred.to_v(vpred.to_velocity(v, x, alpha, sigma), x, alpha, sigma), v)
+
+
+def test_t5_text_encoders_pad_for_the_dit_and_not_for_the_lm(tmp_path):
+    """release.T5Text on a tiny random T5 (transformers) with a tiny sentencepiece vocabulary trained here."""
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["a red circle moving left", "a blue square moving up", "green triangle going down"] * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=28, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1)
+    folder = str(tmp_path / "t5")
+    transformers.T5Tokenizer(vocab_file=str(tmp_path / "spiece.model"), extra_ids=0).save_pretrained(folder)
+    config = transformers.T5Config(vocab_size=28, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=3)
+    transformers.T5EncoderModel(config).save_pretrained(folder)
+    dit_text = release.T5Text(folder, 40, padded=True)
+    lm_text = release.T5Text(folder, 40, padded=False, dtype=torch.bfloat16)
+    prompts = lm_text.tokenize(["a red circle"], strict=True)  # T5 reads any word
+    padded = dit_text(prompts)
+    short = lm_text(prompts)
+    assert padded.shape == (1, 40, 24) and padded.dtype == torch.float32  # always `length` tokens, as CogVideoX's DiT
+    assert short.shape[1] < 40 and short.dtype == torch.bfloat16  # only the prompt's tokens and its end token
