@@ -30,11 +30,10 @@ Differences from the release, on purpose:
 - No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no
   motion-score head, no chunked cross-entropy, no autocast inside the module.
 - The tiny preset has its own word-level TextEncoder, trained with the LM (release: frozen
-  Flan-T5-XXL; loading T5 is out of scope here); the full preset's StandInText has T5's shape only.
+  Flan-T5-XXL, which release.py loads, or else its seeded random stand-in of T5's shape).
 """
 import math
 import re
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -301,27 +300,6 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, mask)
         return self.norm(x) * real[..., None]
-
-
-class StandInText(nn.Module):
-    """The full preset's text: T5-XXL is not included, so per prompt seeded random features of T5's shape
-    (seed: crc32 of the prompt), zero after its words + T5's end token, like padded T5 output."""
-
-    def __init__(self, dim, length):
-        super().__init__()
-        self.dim = dim
-        self.length = length
-
-    def tokenize(self, prompts, strict=False):  # the prompts themselves are the input; any word is allowed
-        return list(prompts)
-
-    def forward(self, prompts):
-        out = torch.zeros(len(prompts), self.length, self.dim)  # (B, L, dim)
-        for row, prompt in enumerate(prompts):
-            n_real = min(len(prompt.split()) + 1, self.length)
-            seeded = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
-            out[row, :n_real] = torch.randn(n_real, self.dim, generator=seeded)
-        return out
 
 
 class SemanticLM(nn.Module):

@@ -7,7 +7,7 @@
 The release (huggingface.co/yinaoxiong/LanDiff, fetched by hand) is one folder, FILES below, plus the
 two T5 encoders in Hugging Face format: CogVideoX-2b-sat/t5-v1_1-xxl/ (the DiT's, in the release) and
 flan-t5-xxl/ (the LM's, google/flan-t5-xxl, not in the release: put it there). A missing T5 folder
-falls back to lm.StandInText, seeded random features of T5's shape, and says so loudly.
+falls back to StandInText, seeded random features of T5's shape, and says so loudly.
 
 One key map per stage: {our tensor name: Link}, a Link naming the release tensors it is made of, their
 shapes, and how they join (one tensor as is or reshaped; rows stacked; chunks of rows picked; two
@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -434,15 +435,36 @@ class T5Text(torch.nn.Module):
         return out if self.padded else out * mask[..., None]  # a batch's shorter prompts: zeros after their end
 
 
+class StandInText(torch.nn.Module):
+    """T5-XXL where it is absent (the full preset, a release folder without it): per prompt seeded random
+    features of T5's shape (seed: crc32 of the prompt), zero after its words + T5's end token, like padded T5."""
+
+    def __init__(self, dim, length):
+        super().__init__()
+        self.dim = dim
+        self.length = length
+
+    def tokenize(self, prompts, strict=False):  # the prompts themselves are the input; any word is allowed
+        return list(prompts)
+
+    def forward(self, prompts):
+        out = torch.zeros(len(prompts), self.length, self.dim)  # (B, L, dim)
+        for row, prompt in enumerate(prompts):
+            n_real = min(len(prompt.split()) + 1, self.length)
+            seeded = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+            out[row, :n_real] = torch.randn(n_real, self.dim, generator=seeded)
+        return out
+
+
 def text_encoder(folder, sub, dim, length, padded, dtype):
-    """T5 from folder/sub when it is there; else lm.StandInText, loudly: the clip then ignores the prompt."""
+    """T5 from folder/sub when it is there; else StandInText, loudly: the clip then ignores the prompt."""
     path = os.path.join(folder, sub)
     if os.path.isdir(path):
         return T5Text(path, length, padded, dtype)
     banner = "!" * 100
     print(f"{banner}\nWARNING: no T5 in {path}: its text features are a seeded random (B, {length}, {dim}) "
           f"stand-in; the prompt only picks the seed\n{banner}")
-    return lm.StandInText(dim, length)
+    return StandInText(dim, length)
 
 
 def load_release(folder, device="cpu", dtype=torch.float32, offload=False):
@@ -468,7 +490,7 @@ def meta_pipeline(folder):
     print(f"{folder}: every tensor's name and shape matches the key maps (tensors per file: {counts})")
     cfgs = folder_configs(folder)
     mods = {stage: BUILD[stage](cfgs[stage]) for stage in FILES}
-    lm_text = lm.StandInText(cfgs["lm"].text_dim, cfgs["lm"].text_len)
+    lm_text = StandInText(cfgs["lm"].text_dim, cfgs["lm"].text_len)
     p = sample.Pipeline(vae=mods["vae"], tok=mods["tokenizer"], text=lm_text, lm=mods["lm"], dit=mods["dit"],
                         control=mods["control"])
     sample.check_contracts(p)

@@ -66,7 +66,7 @@ def load_checkpoint(path, stage):
 class Pipeline:  # the trained stages; a field is None when load_pipeline was asked for fewer
     vae: "vae.VAE" = None
     tok: "tokenizer.SemanticTokenizer" = None
-    text: "lm.TextEncoder" = None  # lm.StandInText at full size
+    text: "lm.TextEncoder" = None  # release.StandInText at full size
     lm: "lm.SemanticLM" = None
     dit: "diffusion.DiT" = None
     control: "diffusion.ControlNet" = None
@@ -88,7 +88,7 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
         mods["text"] = lm.TextEncoder(mods["lm"].cfg, cks["lm"]["text"]["_extra_state"])
         mods["text"].load_state_dict(cks["lm"]["text"])
     elif "lm" in cks:  # full: T5 is not part of our checkpoints
-        mods["text"] = lm.StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
+        mods["text"] = release.StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
     p = Pipeline(**{("tok" if s == "tokenizer" else s): m for s, m in mods.items()})
     if len(stages) == len(STAGES):
         check_contracts(p)
@@ -102,7 +102,7 @@ def random_pipeline(preset, seed=0):
     torch.manual_seed(seed)
     mods = {("tok" if s == "tokenizer" else s): STAGES[s][1](PRESETS[s][preset]) for s in STAGES}
     lm_cfg = mods["lm"].cfg
-    text = lm.TextEncoder(lm_cfg, []) if preset == "tiny" else lm.StandInText(lm_cfg.text_dim, mods["dit"].cfg.text_len)
+    text = lm.TextEncoder(lm_cfg, []) if preset == "tiny" else release.StandInText(lm_cfg.text_dim, mods["dit"].cfg.text_len)
     p = Pipeline(text=text, **mods)
     check_contracts(p)
     return p
@@ -262,7 +262,7 @@ def pipeline(args, device, dtype):
             p = random_pipeline(args.preset)
         for m in p.modules():
             m.to(wait_on, dtype).eval().requires_grad_(False)
-    if isinstance(p.text, lm.StandInText):
+    if isinstance(p.text, release.StandInText):
         print(f"{banner}\nWARNING: T5-XXL is not included: the text features are a seeded random "
               f"(B, {p.text.length}, {p.text.dim}) stand-in; the prompt only picks the seed\n{banner}")
     return replace(p, device=torch.device(device), offload=args.preset == "full")
