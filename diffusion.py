@@ -28,9 +28,8 @@ arXiv 2210.02747; SD3, arXiv 2403.03206 (logit-normal timesteps, resolution shif
 
 Deliberately different from the release: rectified flow + Euler instead of zero-SNR DDPM
 with v-prediction and DPM++2M (one equation instead of a scheduler zoo; a v-prediction model
-is a flow model in disguise, so VPrediction lets the same Euler loop sample the release's
-weights); plain CFG
-instead of its dynamic CFG; the ControlNet branch has no final layer and is called once per
+is a flow model in disguise, so release.VPrediction lets the same Euler loop sample the
+release's weights); plain CFG instead of its dynamic CFG; the ControlNet branch has no final layer and is called once per
 step as a function (the release threads it through a registry of cached values). The base
 DiT itself is computationally identical to diffusers' CogVideoXTransformer3DModel at the
 CogVideoX-2B config (weights map one to one; the patch conv becomes a linear on patches).
@@ -66,7 +65,7 @@ class DiffusionConfig:
     prefix: int = 3             # clean streaming prefix, in latent frames
     shift: float = 1.0          # resolution shift of the timestep distribution (SD3)
     prediction: str = "velocity"  # what the network predicts: "velocity" (ours, flow matching), fed 1000·t,
-                                  # or "v" (the release's zero-SNR DDPM), fed its integer step (VPrediction)
+                                  # or "v" (the release's zero-SNR DDPM), fed its integer step (release.py)
     p_uncond: float = 0.1       # probability of dropping the text in training, for CFG
     attn_impl: str = "sdpa"     # "sdpa" | "manual"
 
@@ -437,7 +436,7 @@ def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
     continuation task. To train only the branch, freeze the base first with dit.requires_grad_(False):
     gradients still flow through the base into the branch."""
     cfg = dit.cfg
-    _check_method(cfg, controlnet, sem, prefix, training=True)
+    _check_method(cfg, controlnet, sem, prefix)
     B = x0.shape[0]
     # BEGIN SOLUTION flow_matching: draw t (sample_t), then noise (_draw, same generator, in that order); x_t = (1 - t) x0 + t noise, clean prefix; text dropout; MSE to noise - x0 past the prefix
     t = sample_t(B, cfg.shift, generator, x0.device)  # (B,), fp32: the time embedding sees it unrounded
@@ -463,98 +462,40 @@ def _twice(x):
     return None if x is None else torch.cat([x, x])
 
 
-def zero_snr_alphas_cumprod(steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift=3.0):
-    """ᾱ_i (steps,) float64 of the release DiT's DDPM (CogVideoX's): β evenly spaced in √β (LDM's "scaled
-    linear"), ᾱ_i = Π_{j<=i} (1 − β_j); the SNR ᾱ/(1 − ᾱ) divided by snr_shift at every step (more noise:
-    a video has many pixels per object); then √ᾱ rescaled so that the last step is pure noise, zero SNR
-    (Lin et al., arXiv 2305.08891): √ᾱ <- (√ᾱ − √ᾱ_last)·√ᾱ_0 / (√ᾱ_0 − √ᾱ_last)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    alphas_cumprod = alphas_cumprod / (snr_shift + (1 - snr_shift) * alphas_cumprod)  # SNR -> SNR / snr_shift
-    root = alphas_cumprod.sqrt()
-    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    return root ** 2
-
-
-class VPrediction:
-    """A v-prediction DDPM network (the release's DiT) seen as a flow model, for euler_sample.
-
-    A DDPM state is x = α·x0 + σ·ε with α = √ᾱ_i, σ = √(1 − ᾱ_i) (α² + σ² = 1), and the network predicts
-    v = α·ε − σ·x0 (Salimans & Ho, arXiv 2202.00512), so x0 = α·x − σ·v and ε = σ·x + α·v. Dividing the
-    state by α + σ gives z = x / (α + σ) = (1 − t)·x0 + t·ε with t = σ / (α + σ): this file's flow path,
-    whose velocity is ε − x0 = (σ − α)·x + (α + σ)·v. The network is fed its integer DDPM step i (a DiT
-    with prediction="v"); euler_sample visits only the steps of flow_times, so each t has its own i."""
-
-    def __init__(self, alphas_cumprod):
-        self.alpha = alphas_cumprod.double().sqrt()  # (S,) from ~1 at step 0 to 0 at step S-1 (zero SNR)
-        self.sigma = (1 - alphas_cumprod.double()).sqrt()
-
-    def flow_times(self, steps):
-        """(steps + 1,) fp32 flow times from 1 to 0: `steps` DDPM steps evenly spaced down from the last
-        ("trailing": floor((S−1)(1 − k/steps)), k = 0..steps−1, as the release samples), then t = 0."""
-        last = len(self.alpha) - 1
-        index = torch.floor(last - torch.arange(steps, dtype=torch.float64) * last / steps).long()
-        t = self.sigma[index] / (self.alpha[index] + self.sigma[index])
-        return torch.cat([t, t.new_zeros(1)]).float()
-
-    def step(self, t):
-        """Flow times (B,) -> DDPM steps (B,) long and their α, σ (B,) float64: the step whose α is nearest."""
-        t = t.double()
-        alpha = (1 - t) / ((1 - t) ** 2 + t ** 2).sqrt()  # from t = σ / (α + σ) and α² + σ² = 1
-        index = (self.alpha.to(t.device)[:, None] - alpha[None]).abs().argmin(dim=0)
-        return index, self.alpha.to(t.device)[index], self.sigma.to(t.device)[index]
-
-    def to_velocity(self, v, x, alpha, sigma):
-        return (sigma - alpha) * x + (alpha + sigma) * v  # ε − x0
-
-    def to_v(self, velocity, x, alpha, sigma):
-        return (velocity - (sigma - alpha) * x) / (alpha + sigma)
-
-    def __call__(self, network, z, t):
-        """network(x, step) -> v; z the flow state at flow times t (B,) -> its velocity, like z."""
-        index, alpha, sigma = self.step(t)
-        shape = (-1,) + (1,) * (z.dim() - 1)
-        alpha = alpha.view(shape).to(z.dtype)
-        sigma = sigma.view(shape).to(z.dtype)
-        x = z * (alpha + sigma)  # the DDPM state the network was trained on
-        return self.to_velocity(network(x, index.float()), x, alpha, sigma)
-
-
 @torch.no_grad()
-def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=None, prefix=None, progress=None):
+def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=None, prefix=None, progress=None,
+                 parameterization=None):
     """Integrate dx/dt = v from t = 1 (noise) to 0 in `steps` Euler steps on the shifted time grid.
     CFG on v: v_u + guidance·(v_c − v_u), conditional and unconditional (zero text as in fm_loss, the same
     semantics) rows in one batch. prefix (B, C, p, H, W): clean latent frames written into the first p
     frames before every model call and into the result (streaming). progress(i, steps) is called after
     step i (1-based), e.g. to move a bar. The times stay fp32 whatever the model's dtype.
-    A DiT with prediction="v" (the release's weights) is sampled through VPrediction on the release's step
-    grid. Plain Euler differs from the release's sampler there: first-order deterministic steps, where it takes
-    DPM++(2M) steps (second order in log-SNR) with fresh noise at each (an SDE sampler), and one constant
-    guidance, where its "dynamic CFG" varies the scale step by step (configured 6 at 50 steps)."""
+    parameterization: how to sample a DiT that is not a flow model (prediction="v", the release's weights:
+    release.VPrediction): its own time grid flow_times(steps), its velocity (network, x, t) -> dx/dt, and
+    clean_state(prefix, t), the state that holds a clean prefix."""
     B = noise.shape[0]
     n_prefix = 0 if prefix is None else prefix.shape[2]
-    _check_method(dit.cfg, controlnet, sem, n_prefix, steps, guidance, noise, prefix)
+    _check_method(dit.cfg, controlnet, sem, n_prefix, steps, guidance, noise, prefix, parameterization)
     hint = controlnet.hint(sem) if controlnet is not None else None  # the semantics do not change over steps
     times = shift_time(torch.linspace(1, 0, steps + 1, device=noise.device), dit.cfg.shift)  # (steps + 1,) fp32
-    vpred = VPrediction(zero_snr_alphas_cumprod()) if dit.cfg.prediction == "v" else None
-    if vpred is not None:
-        times = vpred.flow_times(steps).to(noise.device)  # the release's DDPM steps, as flow times
+    if parameterization is not None:
+        times = parameterization.flow_times(steps).to(noise.device)  # e.g. the release's DDPM steps, as flow times
 
-    def network(x, t, text, hint):  # the networks' output: a velocity, or DDPM's v (vpred)
+    def network(x, t, text, hint):  # the networks' output: a velocity, or what the parameterization reads
         control = controlnet(x, t, text, hint=hint) if controlnet is not None else None
         return dit(x, t, text, control)
 
     def velocity(x, t, text, hint):
-        if vpred is None:
+        if parameterization is None:
             return network(x, t, text, hint)
-        return vpred(lambda x_ddpm, step: network(x_ddpm, step, text, hint), x, t)
+        return parameterization(lambda x_net, step: network(x_net, step, text, hint), x, t)
 
     x = noise.clone()
     for i in range(steps):
         if n_prefix:
             # BEGIN SOLUTION streaming: overwrite the first n_prefix latent frames with the clean prefix
-            # (a v-prediction DiT: scaled so that its DDPM state x = z·(α + σ) holds the clean prefix, as the release's)
-            x[:, :, :n_prefix] = prefix if vpred is None else prefix * ((1 - times[i]) ** 2 + times[i] ** 2).sqrt()
+            # (a parameterization may hold it in a state of its own: its clean_state)
+            x[:, :, :n_prefix] = prefix if parameterization is None else parameterization.clean_state(prefix, times[i])
             # END SOLUTION
         # BEGIN SOLUTION euler: v at t = times[i] (CFG: one batch of conditional and zero-text rows, v_u + guidance (v_c - v_u)); x += (times[i+1] - times[i]) v
         t = times[i].expand(B)  # (B,) fp32
@@ -575,10 +516,11 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0, noise=None, prefix=None, training=False):
-    if training and cfg.prediction != "velocity":
-        raise ValueError("fm_loss trains flow models (prediction='velocity'); a 'v' DiT (the release's) only samples")
+def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0, noise=None, prefix=None, parameterization=None):
     """The arguments of fm_loss and euler_sample."""
+    if (cfg.prediction == "v") != (parameterization is not None):  # fm_loss passes none: it trains flow models
+        raise ValueError(f"a DiT with prediction='v' (the release's) only samples, through euler_sample's parameterization "
+                         f"(release.VPrediction); a 'velocity' DiT takes none; got {cfg.prediction!r}")
     if (controlnet is None) != (sem is None):
         raise ValueError("pass controlnet and sem together (or neither)")
     if not 0 <= n_prefix < cfg.frames:

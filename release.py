@@ -25,7 +25,7 @@ What differs from the release's modules, and how the map absorbs it (docs/DESIGN
 - LM: our w13 = cat(w1, w3); raw micro-condition values (micro_raw).
 - DiT and ControlNet (SAT names): query_key_value splits into q, k, v; each adaLN linear's 12 chunks
   split into our two adaLN linears (chunks 0-2 + 6-8, 3-5 + 9-11); the patch conv is our linear; the
-  network predicts DDPM's v and is fed its integer step (prediction="v", diffusion.VPrediction).
+  network predicts DDPM's v and is fed its integer step (prediction="v", VPrediction).
 - VAE: SAT names, the decoder's levels in reverse order.
 """
 import argparse
@@ -405,6 +405,72 @@ def load_stage(folder, stage, cfg, dtype):
     return model.eval().requires_grad_(False)
 
 
+# ---------------------------------------------------------------------------- the DiT's v-prediction, as a flow
+def zero_snr_alphas_cumprod(steps=1000, beta_start=0.00085, beta_end=0.012, snr_shift=3.0):
+    """ᾱ_i (steps,) float64 of the release DiT's DDPM (CogVideoX's): β evenly spaced in √β (LDM's "scaled
+    linear"), ᾱ_i = Π_{j<=i} (1 − β_j); the SNR ᾱ/(1 − ᾱ) divided by snr_shift at every step (more noise:
+    a video has many pixels per object); then √ᾱ rescaled so that the last step is pure noise, zero SNR
+    (Lin et al., arXiv 2305.08891): √ᾱ <- (√ᾱ − √ᾱ_last)·√ᾱ_0 / (√ᾱ_0 − √ᾱ_last)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    alphas_cumprod = alphas_cumprod / (snr_shift + (1 - snr_shift) * alphas_cumprod)  # SNR -> SNR / snr_shift
+    root = alphas_cumprod.sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    return root ** 2
+
+
+class VPrediction:
+    """A v-prediction DDPM network (the release's DiT) seen as a flow model: euler_sample's parameterization.
+
+    A DDPM state is x = α·x0 + σ·ε with α = √ᾱ_i, σ = √(1 − ᾱ_i) (α² + σ² = 1), and the network predicts
+    v = α·ε − σ·x0 (Salimans & Ho, arXiv 2202.00512), so x0 = α·x − σ·v and ε = σ·x + α·v. Dividing the
+    state by α + σ gives z = x / (α + σ) = (1 − t)·x0 + t·ε with t = σ / (α + σ): diffusion.py's flow path,
+    whose velocity is ε − x0 = (σ − α)·x + (α + σ)·v. The network is fed its integer DDPM step i (a DiT
+    with prediction="v"); euler_sample visits only the steps of flow_times, so each t has its own i.
+    Plain Euler differs from the release's sampler: first-order deterministic steps, where it takes DPM++(2M)
+    steps (second order in log-SNR) with fresh noise at each (an SDE sampler), and one constant guidance,
+    where its "dynamic CFG" varies the scale step by step (configured 6 at 50 steps)."""
+
+    def __init__(self, alphas_cumprod):
+        self.alpha = alphas_cumprod.double().sqrt()  # (S,) from ~1 at step 0 to 0 at step S-1 (zero SNR)
+        self.sigma = (1 - alphas_cumprod.double()).sqrt()
+
+    def flow_times(self, steps):
+        """(steps + 1,) fp32 flow times from 1 to 0: `steps` DDPM steps evenly spaced down from the last
+        ("trailing": floor((S−1)(1 − k/steps)), k = 0..steps−1, as the release samples), then t = 0."""
+        last = len(self.alpha) - 1
+        index = torch.floor(last - torch.arange(steps, dtype=torch.float64) * last / steps).long()
+        t = self.sigma[index] / (self.alpha[index] + self.sigma[index])
+        return torch.cat([t, t.new_zeros(1)]).float()
+
+    def step(self, t):
+        """Flow times (B,) -> DDPM steps (B,) long and their α, σ (B,) float64: the step whose α is nearest."""
+        t = t.double()
+        alpha = (1 - t) / ((1 - t) ** 2 + t ** 2).sqrt()  # from t = σ / (α + σ) and α² + σ² = 1
+        index = (self.alpha.to(t.device)[:, None] - alpha[None]).abs().argmin(dim=0)
+        return index, self.alpha.to(t.device)[index], self.sigma.to(t.device)[index]
+
+    def to_velocity(self, v, x, alpha, sigma):
+        return (sigma - alpha) * x + (alpha + sigma) * v  # ε − x0
+
+    def to_v(self, velocity, x, alpha, sigma):
+        return (velocity - (sigma - alpha) * x) / (alpha + sigma)
+
+    def clean_state(self, x0, t):
+        """The flow state at time t (a 0-d tensor) whose DDPM state x = z·(α + σ) is x0: the release holds its
+        clean prefix in x itself. 1 / (α + σ) = √((1 − t)² + t²), from t = σ / (α + σ) and α² + σ² = 1."""
+        return x0 * ((1 - t) ** 2 + t ** 2).sqrt()
+
+    def __call__(self, network, z, t):
+        """network(x, step) -> v; z the flow state at flow times t (B,) -> its velocity, like z."""
+        index, alpha, sigma = self.step(t)
+        shape = (-1,) + (1,) * (z.dim() - 1)
+        alpha = alpha.view(shape).to(z.dtype)
+        sigma = sigma.view(shape).to(z.dtype)
+        x = z * (alpha + sigma)  # the DDPM state the network was trained on
+        return self.to_velocity(network(x, index.float()), x, alpha, sigma)
+
+
 # ---------------------------------------------------------------------------- text encoders and the pipeline
 class T5Text(torch.nn.Module):
     """A frozen T5 encoder (Hugging Face folder, through transformers): prompts -> (B, L, d_model).
@@ -469,7 +535,7 @@ def text_encoder(folder, sub, dim, length, padded, dtype):
 
 def load_release(folder, device="cpu", dtype=torch.float32, offload=False):
     """-> sample.Pipeline with the release's weights: stages on `device`, or waiting on the CPU when offload.
-    Its DiT has prediction="v", so diffusion.euler_sample samples it on the release's DDPM step grid."""
+    Its DiT has prediction="v": diffusion.euler_sample samples it through VPrediction, on the release's step grid."""
     import sample
     check_folder(folder)  # every file's keys and shapes first: a bad folder fails before minutes of loading
     cfgs, home = folder_configs(folder), "cpu" if offload else device
@@ -477,7 +543,8 @@ def load_release(folder, device="cpu", dtype=torch.float32, offload=False):
     lm_text = text_encoder(folder, T5_LM, cfgs["lm"].text_dim, cfgs["lm"].text_len, False, dtype).to(home)
     dit_text = text_encoder(folder, T5_DIT, cfgs["dit"].text_dim, cfgs["dit"].text_len, True, dtype).to(home)
     p = sample.Pipeline(vae=mods["vae"], tok=mods["tokenizer"], text=lm_text, text_dit=dit_text, lm=mods["lm"],
-                        dit=mods["dit"], control=mods["control"], device=torch.device(device), offload=offload)
+                        dit=mods["dit"], control=mods["control"], device=torch.device(device), offload=offload,
+                        parameterization=VPrediction(zero_snr_alphas_cumprod()))
     sample.check_contracts(p)
     return p
 

@@ -73,6 +73,7 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
     device: torch.device = None  # where the stages run; None: where the DiT's weights are
     offload: bool = False  # stages wait on the CPU and visit `device` one at a time (full size)
     text_dit: torch.nn.Module = None  # the DiT's own text encoder (release: T5-v1.1-XXL; `text` is Flan-T5-XXL)
+    parameterization: object = None  # euler_sample's, for a DiT that is not a flow model (release.VPrediction)
 
     def modules(self):
         return [m for m in (self.text, self.text_dit, self.lm, self.tok, self.dit, self.control, self.vae) if m is not None]
@@ -176,6 +177,7 @@ def denoise(p, text, sem, windows, steps, guidance, generator, progress):
         window = diffusion.euler_sample(p.dit, noise.to(text.device, text.dtype), text, steps, guidance=guidance,
                                         controlnet=None if sem is None else p.control, sem=None if sem is None else sem[:, k],
                                         prefix=None if k == 0 else latents[:, :, -cfg.prefix:],
+                                        parameterization=p.parameterization,
                                         progress=functools.partial(progress, f"dit {k + 1}/{windows}") if progress else None)
         latents = window if k == 0 else torch.cat([latents, window[:, :, cfg.prefix:]], dim=2)
     return latents

@@ -221,6 +221,7 @@ def test_bad_input_says_what_fits():
         lambda: euler_sample(dit, x, text, steps=1, prefix=x),  # prefix as long as the window
         lambda: euler_sample(dit, x, text, steps=0),  # no step: the noise itself would come back
         lambda: euler_sample(dit, x, text, steps=2, guidance=-1.0),
+        lambda: euler_sample(DiT(dataclasses.replace(CFG, prediction="v")), x, text, steps=1),  # without its parameterization
         lambda: fm_loss(dit, x, text, prefix=CFG.frames),
         lambda: dataclasses.replace(CFG, prefix=5),
         lambda: dataclasses.replace(CFG, attn_impl="flash"),

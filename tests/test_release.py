@@ -13,7 +13,6 @@ import shutil
 import pytest
 import torch
 
-import diffusion
 import release
 import sample
 
@@ -221,14 +220,14 @@ def test_zero_snr_schedule_matches_diffusers():
     """Reference: diffusers 0.42.1's rescale_zero_terminal_snr on the SNR-shifted scaled-linear betas
     (tests/fixtures/zero_snr_reference.json, made by tests/fixtures/make_zero_snr_reference.py)."""
     ref = json.loads((FIXTURES / "zero_snr_reference.json").read_text())
-    ours = diffusion.zero_snr_alphas_cumprod()
+    ours = release.zero_snr_alphas_cumprod()
     assert ours[-1] == 0  # zero SNR: the last step is pure noise
     for step, value in ref["alphas_cumprod"].items():
         assert math.isclose(ours[int(step)].item(), value, rel_tol=1e-5, abs_tol=1e-9), step
 
 
 def test_vprediction_with_an_oracle_lands_on_x0_and_round_trips():
-    vpred = diffusion.VPrediction(diffusion.zero_snr_alphas_cumprod())
+    vpred = release.VPrediction(release.zero_snr_alphas_cumprod())
     x0 = torch.randn(2, 3, 4, dtype=torch.float64)
     z = torch.randn_like(x0)  # t = 1: pure noise
     ts = vpred.flow_times(10).double()
