@@ -26,12 +26,10 @@ adaLN, 3D sin-cos positions, q/k LayerNorm); DiT, arXiv 2212.09748 (adaLN-Zero);
 arXiv 2302.05543 (zero convolutions); rectified flow, arXiv 2209.03003, and flow matching,
 arXiv 2210.02747; SD3, arXiv 2403.03206 (logit-normal timesteps, resolution shift).
 
-Deliberately different from the release: rectified flow + Euler instead of zero-SNR DDPM
-with v-prediction and DPM++2M (one equation instead of a scheduler zoo; a v-prediction model
-is a flow model in disguise, so release.VPrediction lets the same Euler loop sample the
-release's weights); plain CFG instead of its dynamic CFG; the ControlNet branch has no final layer and is called once per
-step as a function (the release threads it through a registry of cached values). The base
-DiT itself is computationally identical to diffusers' CogVideoXTransformer3DModel at the
+Deliberately different from the release (docs/DESIGN.md §0): rectified flow, Euler and plain CFG
+(a v-prediction model is a flow model in disguise: release.VPrediction samples the release's weights
+with the same loop); the ControlNet branch has no final layer and is called once per step as a
+function. The base DiT is computationally identical to diffusers' CogVideoXTransformer3DModel at the
 CogVideoX-2B config (weights map one to one; the patch conv becomes a linear on patches).
 """
 import math
@@ -75,19 +73,17 @@ class DiffusionConfig:
         if self.width % self.heads or self.width % 16:
             raise ValueError(f"width must be a multiple of heads ({self.heads}) and of 16 (the 3D sin-cos "
                              f"split), got {self.width}")
-        if self.lat_h % self.patch or self.lat_w % self.patch:
-            raise ValueError(f"lat_h and lat_w must be multiples of patch {self.patch}, got {self.lat_h}×{self.lat_w}")
-        if self.lat_h % 2 ** self.sem_up or self.lat_w % 2 ** self.sem_up:
-            raise ValueError(f"sem_up={self.sem_up} needs lat_h, lat_w multiples of {2 ** self.sem_up}")
-        if not 0 <= self.control_depth <= self.depth:
-            raise ValueError(f"control_depth must be in 0..depth ({self.depth}), got {self.control_depth}")
-        if not 0 <= self.prefix < self.frames:
-            raise ValueError(f"prefix must be in 0..frames-1 (0..{self.frames - 1}), got {self.prefix}")
+        multiple = math.lcm(self.patch, 2 ** self.sem_up)  # whole patches, and the upsampler's ×2 stages
+        if self.lat_h % multiple or self.lat_w % multiple:
+            raise ValueError(f"lat_h and lat_w must be multiples of patch ({self.patch}) and of 2^sem_up "
+                             f"({2 ** self.sem_up}), got {self.lat_h}×{self.lat_w}")
+        if not (0 <= self.control_depth <= self.depth and 0 <= self.prefix < self.frames):
+            raise ValueError(f"control_depth must be in 0..depth (0..{self.depth}) and prefix in 0..frames-1 "
+                             f"(0..{self.frames - 1}), got {self.control_depth}, {self.prefix}")
         levels = (self.up_ch, self.up_ch // 4) if self.sem_up else (self.up_ch,)  # a pixel shuffle: c -> c/4
         if self.up_ch % 4 or any(c >= 32 and c % 32 for c in levels) or self.up_blocks < 1:
-            raise ValueError(f"up_ch must be a multiple of 4 whose levels (up_ch, and up_ch/4 when sem_up > 0) are "
-                             f"under 32 or multiples of 32 channels (GroupNorm(32)), and up_blocks ≥ 1; got "
-                             f"up_ch={self.up_ch}, up_blocks={self.up_blocks}")
+            raise ValueError(f"up_ch must be a multiple of 4 whose levels (up_ch, up_ch/4 if sem_up) are under 32 or "
+                             f"multiples of 32 (GroupNorm(32)), up_blocks ≥ 1; got {self.up_ch}, {self.up_blocks}")
         if self.shift <= 0 or not 0 <= self.p_uncond < 1 or self.prediction not in ("velocity", "v"):
             raise ValueError(f"shift must be > 0, p_uncond in [0, 1) and prediction 'velocity' or 'v', got "
                              f"{self.shift}, {self.p_uncond}, {self.prediction!r}")
@@ -299,9 +295,10 @@ def _default_init(model):
     nn.init.normal_(model.embed.time2.weight, std=0.02)
 
 
-def _zero(module):
-    for p in module.parameters():
-        nn.init.zeros_(p)
+def _zero(*modules):
+    for module in modules:
+        for p in module.parameters():
+            nn.init.zeros_(p)
 
 
 class DiT(nn.Module):
@@ -324,11 +321,9 @@ class DiT(nn.Module):
         _default_init(self)
         # adaLN-Zero (DiT): each block's shift, scale and gate start at 0, so every block starts as the identity
         for block in self.blocks:
-            _zero(block.ada1)
-            _zero(block.ada2)
+            _zero(block.ada1, block.ada2)
         # the final adaLN and output projection start at 0: an untrained DiT predicts v = 0
-        _zero(self.ada_out)
-        _zero(self.proj_out)
+        _zero(self.ada_out, self.proj_out)
 
     def forward(self, x, t, text, control=None):
         _check(self.cfg, x, t, text)
@@ -367,12 +362,9 @@ class ControlNet(nn.Module):
         _default_init(self)
         # adaLN-Zero, as in the base: each block starts as the identity
         for block in self.blocks:
-            _zero(block.ada1)
-            _zero(block.ada2)
+            _zero(block.ada1, block.ada2)
         # ControlNet's zero linears and zero conv: the fresh branch adds exactly 0 to the base
-        for zero in self.zero:
-            _zero(zero)
-        _zero(self.hint_out)
+        _zero(*self.zero, self.hint_out)
 
     @classmethod
     def from_dit(cls, dit):
@@ -481,14 +473,11 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
     if parameterization is not None:
         times = parameterization.flow_times(steps).to(noise.device)  # e.g. the release's DDPM steps, as flow times
 
-    def network(x, t, text, hint):  # the networks' output: a velocity, or what the parameterization reads
-        control = controlnet(x, t, text, hint=hint) if controlnet is not None else None
-        return dit(x, t, text, control)
-
-    def velocity(x, t, text, hint):
-        if parameterization is None:
-            return network(x, t, text, hint)
-        return parameterization(lambda x_net, step: network(x_net, step, text, hint), x, t)
+    def velocity(x, t, text, hint):  # dx/dt: the networks' output, or that output read by the parameterization
+        def network(x_in, t_in):  # the DiT (steered by the branch) on these rows' text and hint
+            control = controlnet(x_in, t_in, text, hint=hint) if controlnet is not None else None
+            return dit(x_in, t_in, text, control)
+        return network(x, t) if parameterization is None else parameterization(network, x, t)
 
     x = noise.clone()
     for i in range(steps):
@@ -516,31 +505,30 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
 
 
 # ---------------------------------------------------------------------------- checks
-def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0, noise=None, prefix=None, parameterization=None):
+def _check_method(cfg, controlnet, sem, n_prefix, steps=1, guidance=1.0, noise=None, prefix=None,
+                  parameterization=None):
     """The arguments of fm_loss and euler_sample."""
     if (cfg.prediction == "v") != (parameterization is not None):  # fm_loss passes none: it trains flow models
-        raise ValueError(f"a DiT with prediction='v' (the release's) only samples, through euler_sample's parameterization "
-                         f"(release.VPrediction); a 'velocity' DiT takes none; got {cfg.prediction!r}")
+        raise ValueError(f"a DiT with prediction='v' (the release's) only samples, through euler_sample's "
+                         f"parameterization (release.VPrediction); a 'velocity' DiT takes none; got {cfg.prediction!r}")
     if (controlnet is None) != (sem is None):
         raise ValueError("pass controlnet and sem together (or neither)")
     if not 0 <= n_prefix < cfg.frames:
         raise ValueError(f"prefix must be in 0..frames-1 (0..{cfg.frames - 1}), got {n_prefix}")
     if not (isinstance(steps, int) and steps >= 1) or guidance < 0:
         raise ValueError(f"steps must be an int >= 1 and guidance >= 0 (1: none), got {steps!r}, {guidance}")
-    if prefix is not None and (prefix.dim() != 5 or not 0 < n_prefix or prefix.shape[:2] != noise.shape[:2]
-                               or prefix.shape[3:] != noise.shape[3:]):
+    if prefix is not None and (prefix.dim() != 5 or not n_prefix
+                               or prefix.shape[:2] + prefix.shape[3:] != noise.shape[:2] + noise.shape[3:]):
         raise ValueError(f"prefix must be (B, C, p, H, W) = {(*noise.shape[:2], 'p', *noise.shape[3:])} with "
                          f"0 < p < frames ({cfg.frames}), got {tuple(prefix.shape)}")
 
 
 def _check(cfg, x, t, text, sem=None):
     """Raise a ValueError that says what fits, before torch fails somewhere deep inside."""
-    p, want = cfg.patch, (cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
-    if x.dim() != 5 or x.shape[-1] % p or x.shape[-2] % p:
-        raise ValueError(f"latents must be (B, C, T, H, W) with H, W multiples of patch {p}, got {tuple(x.shape)}")
+    want = (cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
     if tuple(x.shape[1:]) != want:
-        raise ValueError(f"this config takes latents (B, {', '.join(map(str, want))}) = (B, latent_ch, frames, lat_h, "
-                         f"lat_w), got {tuple(x.shape)}; other sizes need dataclasses.replace(cfg, frames=…, …)")
+        raise ValueError(f"latents must be (B, latent_ch, frames, lat_h, lat_w) = (B, {', '.join(map(str, want))}), "
+                         f"got {tuple(x.shape)}; other sizes need dataclasses.replace(cfg, frames=…, …)")
     B = x.shape[0]
     if t.shape != (B,):
         raise ValueError(f"t must be (B,) = ({B},) floats in [0, 1], got {tuple(t.shape)}")
@@ -553,33 +541,9 @@ def _check(cfg, x, t, text, sem=None):
 
 
 # ---------------------------------------------------------------------------- demo
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
-if __name__ == "__main__":
-    import time
-
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"]
-    dit = DiT(cfg)
-    for p in dit.parameters():  # the zero-inits would make every output 0: show a random model instead
-        p.data.add_(0.02 * torch.randn_like(p))
-    ctrl = ControlNet.from_dit(dit)
-    x = torch.randn(2, cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)
-    text, t = torch.randn(2, cfg.text_len, cfg.text_dim), torch.rand(2)
-    sem = torch.randn(2, cfg.frames, cfg.sem_dim, *cfg.sem_hw)
-    with torch.no_grad():
-        dit(x, t, text)  # warm-up, then time one call
-        t0 = time.perf_counter()
-        v = dit(x, t, text, ctrl(x, t, text, sem))
-    print(f"tiny: latents {tuple(x.shape)} text {tuple(text.shape)} sem {tuple(sem.shape)} -> v {tuple(v.shape)} "
-          f"({cfg.tokens} video + {cfg.text_len} text tokens, {1e3 * (time.perf_counter() - t0):.1f} ms)")
-    out = euler_sample(dit, x, text, steps=4, guidance=3.0, controlnet=ctrl, sem=sem, prefix=x[:, :, :cfg.prefix])
-    print(f"tiny: 4 Euler steps with CFG 3 and a {cfg.prefix}-frame prefix -> {tuple(out.shape)}")
-    for name, c in PRESETS.items():
+if __name__ == "__main__":  # each preset's size (tests/test_diffusion.py runs the models, sample.py the sampler)
+    for name, preset in PRESETS.items():
         with torch.device("meta"):
-            d, n = DiT(c), ControlNet(c)
-        up = n_params(n.upsampler) + n_params(n.hint_out)
-        print(f"{name}: DiT {n_params(d):,} | ControlNet {n_params(n):,} = blocks+embeddings+zero linears "
-              f"{n_params(n) - up:,} + upsampler {up:,} | {c.tokens:,} video + {c.text_len} text tokens")
+            models = {"DiT": DiT(preset), "ControlNet": ControlNet(preset)}
+        counts = ", ".join(f"{k} {sum(p.numel() for p in m.parameters()):,}" for k, m in models.items())
+        print(f"{name}: {counts} parameters; {preset.tokens:,} video + {preset.text_len} text tokens")
