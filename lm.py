@@ -81,10 +81,9 @@ class LMConfig:
                                  f"got {w}={getattr(self, w)}, {h}={getattr(self, h)}")
         if min(self.codebook_size, self.n_i, self.n_p, self.frames, self.depth, self.text_len) < 1:
             raise ValueError("codebook_size, n_i, n_p, frames, depth and text_len must all be >= 1")
-        if not 0.0 <= self.p_uncond < 1.0:
-            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        if self.frames_max < 1 or self.motion_max <= 0:
-            raise ValueError(f"frames_max must be >= 1 and motion_max > 0, got {self.frames_max}, {self.motion_max}")
+        if not 0.0 <= self.p_uncond < 1.0 or self.frames_max < 1 or self.motion_max <= 0:
+            raise ValueError(f"p_uncond must be in [0, 1), frames_max >= 1 and motion_max > 0, got {self.p_uncond}, "
+                             f"{self.frames_max}, {self.motion_max}")
 
     @property
     def vocab_size(self):
@@ -233,8 +232,7 @@ class TextEncoder(nn.Module):
     """The tiny preset's text encoder, trained with the LM; its output also conditions the tiny DiT.
     Prompts are lower-cased and split into words, punctuation dropped (words, not bytes: a table of the
     captions' few dozen words is learned in far fewer steps, docs/DESIGN.md §0); ids PAD = 0, UNK = 1,
-    words[i] = i + 2.
-    The word list is saved in the state_dict as "_extra_state" (a list of str, fine for
+    words[i] = i + 2. The word list is saved in the state_dict as "_extra_state" (a list of str, fine for
     torch.load(weights_only=True)). Restore: enc = TextEncoder(cfg, sd["_extra_state"]); enc.load_state_dict(sd)"""
 
     PAD, UNK = 0, 1
@@ -523,10 +521,9 @@ def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, pre
         raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
     if temperature < 0 or guidance < 0:
         raise ValueError(f"temperature and guidance must be >= 0, got {temperature}, {guidance}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+    if (top_k is not None and not (isinstance(top_k, int) and top_k >= 1)
+            or top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"top_k must be None or an int >= 1, and top_p None or in (0, 1]; got {top_k!r}, {top_p}")
     if prefix_codes is None:
         return 0
     if prefix_codes.shape[0] != B:
@@ -535,23 +532,9 @@ def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, pre
 
 
 # ---------------------------------------------------------------------------- demo
-if __name__ == "__main__":
-    import time
-
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"]
-    captions = ["a red circle moving left", "a blue square moves up", "green triangle going down"]
-    enc = TextEncoder(cfg, TextEncoder.build_vocab(captions))
-    lm = SemanticLM(cfg)
-    with torch.device("meta"):
-        full = SemanticLM(PRESETS["full"])
-    for name, m in (("full SemanticLM (meta)", full), ("tiny SemanticLM", lm), ("tiny TextEncoder", enc)):
-        print(f"{name}: {sum(p.numel() for p in m.parameters()):,} parameters")
-    text = enc(enc.tokenize(captions))  # (3, text_len, text_dim)
-    codes = torch.randint(cfg.codebook_size, (3, cfg.tokens_per_segment))
-    loss = lm_loss(lm, codes, text, 5, torch.tensor([0.5, 1.0, 1.25]))
-    print(f"loss at init {loss:.3f} (ln V = {math.log(cfg.vocab_size):.3f})")
-    start = time.perf_counter()
-    out = generate(lm.eval(), text, 5, 1.0, n_segments=2, guidance=4.0, top_k=50,
-                   generator=torch.Generator().manual_seed(0))
-    print(f"generate, 2 segments, guidance 4: codes {tuple(out.shape)} in {time.perf_counter() - start:.2f}s")
+if __name__ == "__main__":  # each preset's size (tests/test_lm.py trains and samples the tiny LM)
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            model = SemanticLM(preset)
+        print(f"{name}: SemanticLM {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{preset.tokens_per_segment:,} codes per segment, vocabulary {preset.vocab_size:,}")
