@@ -170,8 +170,6 @@ def apply_rope(x, cos, sin):
 
 
 # ---------------------------------------------------------------------------- blocks
-
-
 class FrozenPatchFeatures(nn.Module):
     """The toy stand-in for Theia (ViT-B/16, 768-d, frozen): a frozen random linear patch
     embedding of the RGB frames 0, time_stride, 2·time_stride, ..., the same frames the VAE keeps
@@ -420,8 +418,6 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the tokenizer
-
-
 class SemanticTokenizer(nn.Module):
     """Encoder -> FSQ (or the release's VQ) -> Decoder. encode/decode take any prefix of groups: T = 1..frames
     semantic frames <-> n_i + (T-1)·n_p tokens (a longer clip is several segments)."""
@@ -473,8 +469,6 @@ class SemanticTokenizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------- loss
-
-
 def tokenizer_loss(model, feats):
     """Feature-reconstruction MSE, a scalar (the release's loss without its VQ commitment term).
     The token ids of the same features come from model.encode(feats)."""
@@ -491,8 +485,6 @@ def codebook_usage(indices, codebook_size):
 
 
 # ---------------------------------------------------------------------------- checks
-
-
 def check_video(cfg, video):
     if (video.ndim != 5 or video.shape[1] != 3 or tuple(video.shape[3:]) != (cfg.image_h, cfg.image_w)
             or (video.shape[2] - 1) % cfg.time_stride):
@@ -529,29 +521,13 @@ def check_indices(cfg, indices):
 
 
 # ---------------------------------------------------------------------------- demo
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"]
-    model = SemanticTokenizer(cfg).eval()
-    features = FrozenPatchFeatures(cfg)
-    video = torch.rand(2, 3, 1 + cfg.time_stride * (cfg.frames - 1), cfg.image_h, cfg.image_w) * 2 - 1
-    feats = features(video)
-    ids = model.encode(feats)
-    print(f"tiny: video {tuple(video.shape)} -> feats {tuple(feats.shape)} -> ids {tuple(ids.shape)} "
-          f"(codebook {cfg.codebook_size}) -> feats {tuple(model.decode(ids).shape)}; "
-          f"first 2 groups -> {tuple(model.decode(ids[:, : cfg.n_i + cfg.n_p]).shape)}")
+if __name__ == "__main__":  # each preset's size and compression (tests/test_tokenizer.py runs the model)
     for name, preset in PRESETS.items():
         with torch.device("meta"):
-            meta_model = SemanticTokenizer(preset)
+            model = SemanticTokenizer(preset)
         pixels = (1 + preset.time_stride * (preset.frames - 1)) * preset.image_h * preset.image_w
         print(f"{name}: {preset.frames} frames of {preset.feat_dim}×{preset.feat_h}×{preset.feat_w} -> "
               f"{preset.n_tokens} tokens ({preset.n_i} + {preset.frames - 1}×{preset.n_p}; "
               f"{pixels / preset.n_tokens:,.0f} pixels per token), {preset.codebook_size} codes; "
-              f"params {n_params(meta_model) / 1e6:.2f} M (encoder {n_params(meta_model.encoder) / 1e6:.2f} M, "
-              f"decoder {n_params(meta_model.decoder) / 1e6:.2f} M)")
+              f"encoder {sum(p.numel() for p in model.encoder.parameters()):,} + "
+              f"decoder {sum(p.numel() for p in model.decoder.parameters()):,} parameters")
