@@ -513,6 +513,9 @@ class StandInText(torch.nn.Module):
     def tokenize(self, prompts, strict=False):  # the prompts themselves are the input; any word is allowed
         return list(prompts)
 
+    def describe(self):  # for the warning that a run with it prints
+        return f"a seeded random (B, {self.length}, {self.dim}) stand-in; the prompt only picks the seed"
+
     def forward(self, prompts):
         out = torch.zeros(len(prompts), self.length, self.dim)  # (B, L, dim)
         for row, prompt in enumerate(prompts):
@@ -527,10 +530,15 @@ def text_encoder(folder, sub, dim, length, padded, dtype):
     path = os.path.join(folder, sub)
     if os.path.isdir(path):
         return T5Text(path, length, padded, dtype)
+    stand_in = StandInText(dim, length)
+    warn(f"no T5 in {path}: its text features are {stand_in.describe()}")
+    return stand_in
+
+
+def warn(message):
+    """A warning no one can miss, between two rows of "!": the clip will not be what it seems."""
     banner = "!" * 100
-    print(f"{banner}\nWARNING: no T5 in {path}: its text features are a seeded random (B, {length}, {dim}) "
-          f"stand-in; the prompt only picks the seed\n{banner}")
-    return StandInText(dim, length)
+    print(f"{banner}\nWARNING: {message}\n{banner}")
 
 
 def load_release(folder, device="cpu", dtype=torch.float32, offload=False):

@@ -246,27 +246,22 @@ def pipeline(args, device, dtype):
     """The checkpoints in --ckpt (default out/<preset>) or, at full size only, random weights."""
     ckpt = args.ckpt or f"out/{args.preset}"
     wait_on = "cpu" if args.preset == "full" else device  # full: the stages wait on the CPU (offload)
-    banner = "!" * 100
-    if os.path.isdir(ckpt):  # the tokenizer's video size tells the presets apart: read it before loading it all
-        cfg = load_checkpoint(os.path.join(ckpt, "tokenizer.pt"), "tokenizer")["config"]
+    if os.path.isdir(ckpt) or args.preset == "tiny":  # the tokenizer's video size tells the presets apart: read it first
+        cfg = load_checkpoint(os.path.join(ckpt, "tokenizer.pt"), "tokenizer")["config"]  # none: a one-line error
         size = (cfg.get("image_h"), cfg.get("image_w"))
         found = next((k for k, c in tokenizer.PRESETS.items() if (c.image_h, c.image_w) == size), "another")
         if found != args.preset:
             raise SystemExit(f"error: {ckpt} holds {found}-preset checkpoints ({size[0]}x{size[1]} video), not --preset "
                              f"{args.preset}; pass --preset {found} or another --ckpt")
         p = load_pipeline(ckpt, wait_on, dtype)
-    elif args.preset == "tiny":
-        raise SystemExit(f"error: no checkpoint folder {ckpt}; make the tiny ones with `python train_tiny.py` or pass --ckpt DIR")
     else:
-        print(f"{banner}\nWARNING: no checkpoints in {ckpt}: every stage has RANDOM weights, the clip is noise "
-              f"(a time and memory run)\n{banner}")
+        release.warn(f"no checkpoints in {ckpt}: every stage has RANDOM weights, the clip is noise (a time and memory run)")
         with torch.device(device):  # initialise on the GPU (fast), then wait on the CPU in `dtype`
             p = random_pipeline(args.preset)
         for m in p.modules():
             m.to(wait_on, dtype).eval().requires_grad_(False)
     if isinstance(p.text, release.StandInText):
-        print(f"{banner}\nWARNING: T5-XXL is not included: the text features are a seeded random "
-              f"(B, {p.text.length}, {p.text.dim}) stand-in; the prompt only picks the seed\n{banner}")
+        release.warn(f"T5-XXL is not included: the text features are {p.text.describe()}")
     return replace(p, device=torch.device(device), offload=args.preset == "full")
 
 
