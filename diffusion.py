@@ -1,12 +1,11 @@
 """diffusion.py: the diffusion stage of LanDiff — a CogVideoX DiT, a ControlNet branch that
 injects the LM's coarse semantics, and rectified-flow training and sampling.
 
-The idea (LanDiff): the language model has already decided *what* happens (semantic
-features); a video diffusion model only has to render the details. A frozen text-to-video
-DiT is steered by a trainable copy of its first blocks (ControlNet) that also sees the
-semantic features, upsampled and added to its noisy latent. Windows of latent frames are
-generated one after another, each starting from a clean prefix (the last frames of the
-previous window), so long videos stream without a seam.
+The idea (LanDiff): the language model has already decided *what* happens (semantic features); a
+video diffusion model only has to render the details. A frozen text-to-video DiT is steered by a
+trainable copy of its first blocks (ControlNet) that also sees the semantic features, upsampled and
+added to its noisy latent. Windows of latent frames are generated one after another, each starting
+from a clean prefix (the last frames of the previous window), so long videos stream without a seam.
 
     semantic features ─ upsampler ─ zero conv ─┐
     noisy latent ──────────────────────────────+─ ControlNet blocks ─ zero linears ─┐
@@ -71,8 +70,7 @@ class DiffusionConfig:
         if self.attn_impl not in ("sdpa", "manual"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
         if self.width % self.heads or self.width % 16:
-            raise ValueError(f"width must be a multiple of heads ({self.heads}) and of 16 (the 3D sin-cos "
-                             f"split), got {self.width}")
+            raise ValueError(f"width must be a multiple of heads ({self.heads}) and 16 (3D sin-cos), got {self.width}")
         multiple = math.lcm(self.patch, 2 ** self.sem_up)  # whole patches, and the upsampler's ×2 stages
         if self.lat_h % multiple or self.lat_w % multiple:
             raise ValueError(f"lat_h and lat_w must be multiples of patch ({self.patch}) and of 2^sem_up "
@@ -421,12 +419,11 @@ def sample_t(n, shift=1.0, generator=None, device=None):
 
 
 def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
-    """Flow-matching loss ‖model(x_t, t) − (ε − x0)‖² -> one scalar (the time convention is in the module
-    docstring). In training mode (of the trained model: the branch if given, else the DiT) each sample's
-    text is replaced by the unconditional text with probability cfg.p_uncond, for CFG. prefix > 0 holds the
-    first prefix latent frames clean (x_t = x0 there) and leaves them out of the loss: the streaming
-    continuation task. To train only the branch, freeze the base first with dit.requires_grad_(False):
-    gradients still flow through the base into the branch."""
+    """Flow-matching loss ‖model(x_t, t) − (ε − x0)‖² -> one scalar (time convention: module docstring). In
+    training mode (of the trained model: the branch if given, else the DiT) each sample's text is replaced by
+    the unconditional text with probability cfg.p_uncond, for CFG. prefix > 0 holds the first prefix latent
+    frames clean (x_t = x0 there) and leaves them out of the loss: the streaming continuation task. To train
+    only the branch, freeze the base first with dit.requires_grad_(False): gradients still flow through it."""
     cfg = dit.cfg
     _check_method(cfg, controlnet, sem, prefix)
     B = x0.shape[0]
@@ -461,10 +458,9 @@ def euler_sample(dit, noise, text, steps=25, guidance=1.0, controlnet=None, sem=
     CFG on v: v_u + guidance·(v_c − v_u), conditional and unconditional (zero text as in fm_loss, the same
     semantics) rows in one batch. prefix (B, C, p, H, W): clean latent frames written into the first p
     frames before every model call and into the result (streaming). progress(i, steps) is called after
-    step i (1-based), e.g. to move a bar. The times stay fp32 whatever the model's dtype.
-    parameterization: how to sample a DiT that is not a flow model (prediction="v", the release's weights:
-    release.VPrediction): its own time grid flow_times(steps), its velocity (network, x, t) -> dx/dt, and
-    clean_state(prefix, t), the state that holds a clean prefix."""
+    step i (1-based), e.g. to move a bar. The times stay fp32 whatever the model's dtype. parameterization
+    samples a DiT that is not a flow model (prediction="v", the release's: release.VPrediction) with its
+    own time grid flow_times(steps), velocity (network, x, t) -> dx/dt and clean_state(prefix, t)."""
     B = noise.shape[0]
     n_prefix = 0 if prefix is None else prefix.shape[2]
     _check_method(dit.cfg, controlnet, sem, n_prefix, steps, guidance, noise, prefix, parameterization)
