@@ -9,14 +9,6 @@ import torch
 from tools import bench
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """bench.main sets torch's thread count once; give the other test files theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.uses("fsq")
 def test_fsq_rows_compare_when_the_peer_is_installed(capsys):
     rows = bench.main(["--only", "fsq", "--repeats", "1", "--threads", "1"])

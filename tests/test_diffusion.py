@@ -11,16 +11,6 @@ from diffusion import PRESETS, ControlNet, DiT, euler_sample, fm_loss, patchify,
 CFG = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP threads
-    fighting other processes run many times slower; restored afterwards for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(cfg=CFG, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=g)

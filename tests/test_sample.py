@@ -22,16 +22,6 @@ CAPTIONS = ["a red circle moving left", "a blue square moves up", "green triangl
 FAST = ["--steps", "2"]  # two Euler steps: every stage still runs, in a fraction of the time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two OpenMP
-    threads fighting other processes run many times slower; restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A checkpoint folder of freshly initialised tiny stages, in train_tiny.py's format. The DiT and
