@@ -276,19 +276,31 @@ def judge_clip(video):
                 speed=speed, start=start, residual=residual, jump=float(jump), frames=frames)
 
 
+BREAKS = ("wrong colour", "wrong shape", "wrong direction", "object lost", "colour changes", "shape changes",
+          "off the path", "jump")  # the strict rule's checks, as verdict names them
+
+
 def verdict(judged, spec):
     """A judged clip against its prompt spec {color, shape, direction, v = the motion_score asked}
     -> {right, strict, speed: bools; breaks: the strict rule's checks that fail, by name}."""
     right = all(judged[k] == spec[k] for k in ("color", "shape", "direction"))
     frames = judged["frames"]
-    checks = (("wrong colour", judged["color"] != spec["color"]),
-              ("wrong shape", judged["shape"] != spec["shape"]),
-              ("wrong direction", judged["direction"] != spec["direction"]),
-              ("object lost", any(f is None for f in frames)),
-              ("colour changes", any(f is not None and f[0] != spec["color"] for f in frames)),
-              ("shape changes", any(f is not None and f[1] != spec["shape"] for f in frames)),
-              ("off the path", judged["residual"] > MAX_RESIDUAL),
-              ("jump", judged["jump"] > MAX_JUMP))
-    breaks = [name for name, failed in checks if failed]
+    failed = (judged["color"] != spec["color"], judged["shape"] != spec["shape"], judged["direction"] != spec["direction"],
+              any(f is None for f in frames), any(f is not None and f[0] != spec["color"] for f in frames),
+              any(f is not None and f[1] != spec["shape"] for f in frames), judged["residual"] > MAX_RESIDUAL,
+              judged["jump"] > MAX_JUMP)
+    breaks = [name for name, fails in zip(BREAKS, failed) if fails]
     return dict(right=right, strict=not breaks, speed=abs(judged["speed"] - spec["v"]) <= SPEED_TOLERANCE,
                 breaks=breaks)
+
+
+def score(video, specs):
+    """uint8 videos (N, T, H, W, 3) against their prompt specs -> the share of clips that are right, strict
+    and at speed, how many fail each strict check, and the mean fitted speed per motion_score asked."""
+    judged = [judge_clip(clip) for clip in np.asarray(video)]
+    verdicts = [verdict(j, spec) for j, spec in zip(judged, specs)]
+    out = {rule: float(np.mean([v[rule] for v in verdicts])) for rule in ("right", "strict", "speed")}
+    out["breaks"] = {name: sum(name in v["breaks"] for v in verdicts) for name in BREAKS}
+    asked = sorted({spec["v"] for spec in specs})
+    out["fitted_speed"] = {str(v): float(np.mean([j["speed"] for j, s in zip(judged, specs) if s["v"] == v])) for v in asked}
+    return out
