@@ -76,6 +76,9 @@ def test_the_judge_catches_stalled_jumping_shape_flipping_and_wrong_speed_clips(
     stalled = clip.copy()
     stalled[20:] = clip[20]  # stops after the bounce
     assert breaks(stalled) == ["off the path"]
+    summed = world.score(np.stack([clip, stalled]), [s, s])  # a set of clips: shares, counts, mean fitted speed
+    assert (summed["right"], summed["strict"], summed["breaks"]["off the path"], summed["breaks"]["jump"]) == (1.0, 0.5, 1, 0)
+    assert list(summed["fitted_speed"]) == ["0.9"]
     slid = clip.copy()  # meets the wall, then slides along it instead of bouncing (what streamed clips did)
     slid[16:] = world.render([dict(s, direction="right", start=[15.0, LO])]).numpy()[0][:25]
     assert "off the path" in breaks(slid)
