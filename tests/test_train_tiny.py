@@ -13,14 +13,6 @@ import train_tiny
 import vae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # tiny models: one thread is as fast, and immune to a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.uses("causal_conv", "controlnet", "euler", "expert_adaln", "flow_matching", "fsq", "kv_cache", "lm_sampling", "lm_sequence", "masks", "rope", "rope_3d", "streaming")
 def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
     out = str(tmp_path / "tiny")
