@@ -46,10 +46,10 @@ def spec_of(prompt, motion):
 
 
 def judged(clip, spec):
-    """world.py's judge on one clip -> a short line: which of right / strict / on speed it is."""
+    """world.py's judge on one clip -> a short line: "right yes, strict no, on speed no"."""
     rules = world.verdict(world.judge_clip(clip.numpy()), spec)
-    passed = [name for name in ("right", "strict", "speed") if rules[name]]
-    return "judged: " + (", ".join(passed) if passed else "wrong")
+    return ", ".join(f"{label} {'yes' if rules[rule] else 'no'}"
+                     for rule, label in (("right", "right"), ("strict", "strict"), ("speed", "on speed")))
 
 
 def main(argv=None):
