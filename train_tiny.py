@@ -167,7 +167,7 @@ def stage_vae(args, ctx):
     # count object pixels 10x (the output starts at black: the tiny preset's out_bias): objects cover
     # ~7% of the pixels, and plain MSE learns the background first while colours stay grey (docs/DESIGN.md §7)
 
-    def loss_fn():  # 5-frame clips hold both causal cases (the lone first frame, a group of 4)
+    def loss_fn():  # 5-frame clips hold both causal cases (the lone first frame, then 4 frames per latent frame)
         x = clips(world.draw_clips(n, g, 5))
         near = F.max_pool3d((x.amax(1, keepdim=True) > -1).float(), (1, 5, 5), 1, (0, 2, 2))  # object + 2 px
         return vae.vae_loss(model, x, weight=1 + 9 * near)
