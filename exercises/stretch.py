@@ -1,14 +1,16 @@
 """stretch.py: three variants of pieces of LanDiff, for students who have done the main exercises.
 
-Each is what the paper or its predecessors could have used instead of our choice, so the reference
-files hold no copy of it; tests/test_exercises_stretch.py checks each on its own terms
-(docs/EXERCISES.md, "Stretch exercises").
+Each is what the paper or its predecessors could have used instead of our choice, and what the
+reference holds of it cannot simply be copied; tests/test_exercises_stretch.py checks each on its
+own terms (docs/EXERCISES.md, "Stretch exercises").
 
-- VectorQuantizer: a learned codebook (VQ-VAE, arXiv 1711.00937) instead of FSQ's fixed grid
-  (tokenizer.FSQ). The release's tokenizer used one, with a commitment loss.
-- v-prediction (Salimans & Ho, arXiv 2202.00512) on the variance-preserving path
+- VectorQuantizer: a codebook *learned* with a commitment loss (VQ-VAE, arXiv 1711.00937) instead
+  of FSQ's fixed grid (tokenizer.FSQ). tokenizer.VQ only looks codes up in the release's trained
+  codebook; training one is this exercise.
+- v-prediction (Salimans & Ho, arXiv 2202.00512) *trained* on the variance-preserving path
   x_t = cos(pi t / 2) x0 + sin(pi t / 2) eps, and its deterministic DDIM sampler, instead of
-  flow matching's straight path (diffusion.fm_loss). The release's CogVideoX was trained this way.
+  flow matching's straight path (diffusion.fm_loss). release.VPrediction only reads the release's
+  trained v-prediction DiT as a flow model on its DDPM schedule.
 - heun_sample: Heun's second-order method (EDM, arXiv 2206.00364, Algorithm 1) instead of
   diffusion.euler_sample's first-order Euler steps: twice the model calls per step, an error that
   falls 4x (not 2x) when the steps double.
