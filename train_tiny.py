@@ -164,13 +164,13 @@ def window_batch(ctx, data, n, g, stream=None):
 def stage_vae(args, ctx):
     cfg, g, (_, n, _) = vae.PRESETS["tiny"], gen(args, 1), PLAN["vae"]
     model = vae.VAE(cfg)
-    # count object pixels 10x (the output starts at black: the tiny preset's out_bias): objects cover
-    # ~7% of the pixels, and plain MSE learns the background first while colours stay grey (docs/DESIGN.md §7)
+    # count object pixels 10x (the output starts at black: the tiny preset's out_bias): objects cover ~7% of the
+    # pixels, and plain MSE learns the background first, colours grey (DESIGN §7); L1 keeps edges sharp (vae_loss)
 
     def loss_fn():  # 5-frame clips hold both causal cases (the lone first frame, then 4 frames per latent frame)
         x = clips(world.draw_clips(n, g, 5))
         near = F.max_pool3d((x.amax(1, keepdim=True) > -1).float(), (1, 5, 5), 1, (0, 2, 2))  # object + 2 px
-        return vae.vae_loss(model, x, weight=1 + 9 * near)
+        return vae.vae_loss(model, x, weight=1 + 9 * near, l1_weight=1.0)
     specs = world.draw_clips(64, gen(args, 101))
     x = clips(specs)
 

@@ -44,8 +44,8 @@ What we do differently from the release, on purpose:
 - Encoding runs on the whole clip (the release encodes 8 frames at a time; with
   per-frame norms that gives the same result). No memory-splitting "SafeConv",
   no spatial tiling, no dropout (the release's is 0).
-- Training loss: MSE + a tiny KL only. The release adds LPIPS and a GAN loss,
-  which the toy world does not need.
+- Training loss: MSE (+ L1, which train_tiny.py turns on) + a tiny KL only. The
+  release adds LPIPS and a GAN loss, which the toy world does not need.
 - Initialisation: PyTorch defaults, as in the release, except that the tiny
   preset starts the decoder's output bias at the toy world's black background
   (`out_bias`, see VAE.initialize_weights). No layer is zero-inited.
@@ -349,15 +349,19 @@ class VAE(nn.Module):
 # ---------------------------------------------------------------------------- loss
 
 
-def vae_loss(vae, x, kl_weight=1e-6, weight=None):
-    """Reparameterised VAE loss, a scalar: pixel MSE + kl_weight * KL. kl_weight weighs the
-    summed KL against the summed squared error, as in LDM, so 1e-6 only keeps the latent
-    scale in check; train_tiny.py then rescales latents by their measured std.
-    weight (broadcastable to x), if given, weighs each pixel's squared error: small
-    objects on a flat background otherwise learn their colour last (docs/DESIGN.md §7)."""
+def vae_loss(vae, x, kl_weight=1e-6, weight=None, l1_weight=0.0):
+    """Reparameterised VAE loss, a scalar: pixel MSE (+ l1_weight * pixel L1) + kl_weight * KL.
+    kl_weight weighs the summed KL against the summed squared error, as in LDM, so 1e-6 only keeps
+    the latent scale in check; train_tiny.py then rescales latents by their measured std.
+    weight (broadcastable to x), if given, weighs each pixel's error: small objects on a flat
+    background otherwise learn their colour last (docs/DESIGN.md §7). L1 is minimised by the median
+    of what a pixel could be, MSE by the mean: where the decoder is unsure whether an edge pixel is
+    object or background, L1 commits to one of them and MSE paints it half-bright, which rounds a
+    square's corners off (the release gets sharp edges from LPIPS and a GAN loss instead)."""
     mean, logvar = vae.encode(x)
     z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # z ~ N(mean, sigma^2), differentiable
-    err = (vae.decode(z) - x).square()  # (B, 3, T, H, W)
+    diff = vae.decode(z) - x  # (B, 3, T, H, W)
+    err = diff.square() + l1_weight * diff.abs()
     if weight is not None:
         err = err * weight
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum() / x.numel()  # KL(q || N(0, I)), per pixel value
