@@ -35,8 +35,8 @@ import vae
 import world
 
 # (steps, clips per batch, peak learning rate) per stage; how they were chosen: docs/EXPERIMENTS.md
-PLAN = dict(vae=(1200, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(315, 32, 2e-3), dit=(2000, 16, 8e-3),
-            control=(400, 16, 8e-3))
+PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(1260, 32, 2e-3), dit=(2400, 16, 8e-3),
+            control=(500, 16, 8e-3))
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
 POOL = {17: 2000, 25: 450, 41: 250}  # frames -> training clips (speeds over the whole range), one set for all stages
 STREAM = 1 / 3  # share of the DiT's and the branch's batches that continue a clean prefix
