@@ -112,7 +112,7 @@ def main(argv=None):
     patch_features = tokenizer.FrozenPatchFeatures(p.tok.cfg)
     stride = p.tok.cfg.time_stride
     features = patch_features(x)
-    ids = p.tok.encode(features)
+    reconstructed = p.tok.decode(p.tok.encode(features))  # the tokenizer round trip: also the DiT's oracle condition
     prompts = world.captions(specs, None, 0)
     motion = torch.tensor([s["v"] for s in specs])
     text = p.text(p.text.tokenize(prompts))
@@ -120,10 +120,10 @@ def main(argv=None):
                          generator=torch.Generator().manual_seed(args.seed))
     print(f"{len(specs)} seen clips, {video.shape[1]} frames; judged by world.py\n"
           f"{'':<16}{'direction':>11}{'speed':>8}{'on path':>9}{'right':>8}{'strict':>8}   speed at {SPEEDS[0]} / {SPEEDS[1]}")
-    for name, feats in (("features", features), ("tokenizer", p.tok.decode(ids)), ("LM", p.tok.decode(lm_ids))):
+    for name, feats in (("features", features), ("tokenizer", reconstructed), ("LM", p.tok.decode(lm_ids))):
         report(name, judge_semantic(features_to_frames(feats, patch_features), specs, stride), specs)
     report("VAE", judge_video(to_uint8(p.vae.decode(p.vae.encode(x)[0])), specs), specs)
-    latents = sample.denoise(p, text, p.tok.decode(ids)[:, None], windows=1, steps=args.steps, guidance=2.0,  # sample.py's
+    latents = sample.denoise(p, text, reconstructed[:, None], windows=1, steps=args.steps, guidance=2.0,  # sample.py's
                              generator=torch.Generator().manual_seed(args.seed), progress=None)  # DiT guidance
     report("clip's tokens", judge_video(to_uint8(p.vae.decode(latents / p.vae.cfg.scale_factor)), specs), specs)
     for name, baseline in (("LanDiff", False), ("base DiT", True)):
