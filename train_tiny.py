@@ -35,10 +35,10 @@ import vae
 import world
 
 # (steps, clips per batch, peak learning rate) per stage; how they were chosen: docs/EXPERIMENTS.md
-PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 8, 1.5e-3), lm=(1260, 32, 2e-3), dit=(2400, 16, 8e-3),
+PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 16, 1.5e-3), lm=(1260, 32, 2e-3), dit=(2400, 16, 8e-3),
             control=(500, 16, 8e-3))
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
-POOL = {17: 2000, 25: 450, 41: 250}  # frames -> training clips (speeds over the whole range), one set for all stages
+POOL = {17: 6000, 25: 900, 41: 500}  # frames -> training clips (speeds over the whole range), one set for all stages
 STREAM = 1 / 3  # share of the DiT's and the branch's batches that continue a clean prefix
 WINDOW = diffusion.PRESETS["tiny"]  # WINDOW.frames latent frames, the first WINDOW.prefix clean when streaming
 STRIDE = WINDOW.frames - WINDOW.prefix  # latent (= semantic) frames from one window to the next: 2 (8 RGB frames)
