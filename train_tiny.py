@@ -46,9 +46,9 @@ SAVE_EVERY = 30  # seconds between checkpoints of a running stage
 
 
 # ---------------------------------------------------------------------------- training loop, data
-def fit(name, args, modules, loss_fn, cfg, g, finish=None):
-    """AdamW + warm-up + cosine decay over the PLAN's steps; an atomic checkpoint every 30 s and at the
-    end (with the config finish() returns). --resume loads a finished stage, continues an interrupted one."""
+def fit(name, args, modules, loss_fn, cfg, g, finish=None, beside=None):
+    """AdamW, warm-up, cosine decay over the PLAN's steps; atomic checkpoints every 30 s and at the end (with the config
+    finish() returns); once `beside` (the VAE's process) is done, its cores join. --resume loads a finished stage, continues one."""
     steps, _, lr = PLAN[name]
     steps = min(steps, args.steps or steps)
     path, step = os.path.join(args.out, f"{name}.pt"), 0
@@ -74,7 +74,7 @@ def fit(name, args, modules, loss_fn, cfg, g, finish=None):
                                **{k: m.state_dict() for k, m in modules.items()}, optim=opt.state_dict(),
                                sched=sched.state_dict(), gen=g.get_state(), rng=torch.get_rng_state())
     line = 0 if multiprocessing.parent_process() is None else 1  # the VAE's process draws its bar below ours
-    bar = tqdm(range(step, steps), desc=f"{name:>9}", initial=step, total=steps, ncols=90, position=line)
+    bar = tqdm(range(step, steps), desc=f"{name:>9}", initial=step, total=steps, ncols=90, position=line)  # (closes itself)
     last, ema = time.time(), None
     for step in bar:
         loss = loss_fn()
@@ -88,10 +88,11 @@ def fit(name, args, modules, loss_fn, cfg, g, finish=None):
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
+        if beside is not None and beside.done() and torch.get_num_threads() < args.threads:  # the VAE is done: its cores join
+            torch.set_num_threads(args.threads)
         if time.time() - last > SAVE_EVERY:
             save(False, step + 1)
             last = time.time()
-    bar.close()
     cfg = finish() if finish else cfg  # (save reads cfg when called)
     save(True, steps)
 
@@ -164,8 +165,7 @@ def window_batch(ctx, data, n, g, stream=None):
 def stage_vae(args, ctx):
     cfg, g, (_, n, _) = vae.PRESETS["tiny"], gen(args, 1), PLAN["vae"]
     model = vae.VAE(cfg)
-    # count object pixels 10x (the output starts at black: the tiny preset's out_bias): objects cover ~7% of the
-    # pixels, and plain MSE learns the background first, colours grey (DESIGN §7); L1 keeps edges sharp (vae_loss)
+    # object pixels count 10x: they cover ~7% of a frame, and plain MSE learns the black background first (DESIGN §7)
 
     def loss_fn():  # 5-frame clips hold both causal cases (the lone first frame, then 4 frames per latent frame)
         x = clips(world.draw_clips(n, g, 5))
@@ -210,7 +210,7 @@ def stage_lm(args, ctx):
         idx, v, t = batch(data[frames], n if frames == 17 else n // 2, g, text)
         semantic_frames = torch.full_like(v, 1 + (frames - 1) // 4)  # the `frames` micro-condition
         return lm.lm_loss(model, data[frames]["ids"][idx], t, semantic_frames, v)
-    fit("lm", args, {"model": model, "text": text}, loss_fn, cfg, g)
+    fit("lm", args, {"model": model, "text": text}, loss_fn, cfg, g, beside=ctx.get("beside"))
     ctx["lm"], ctx["text"] = model.eval().requires_grad_(False), text.eval().requires_grad_(False)
     with torch.no_grad():
         val = loss_fn(gen(args, 104), 17, pools(args, ctx, "unseen"))
@@ -318,15 +318,15 @@ def main(argv=None):
         args.seed = recorded_seed(args.out) if args.stage == "eval" or args.resume else 0
     os.makedirs(args.out, exist_ok=True)
     t_start, ctx, report = time.time(), {}, {}
-    threads = torch.get_num_threads()
+    args.threads = torch.get_num_threads()  # all of them: fit() hands the VAE's back to the LM once it is done
     if args.stage is None:  # the VAE (1.4x faster on 2 threads than on 1) beside tokenizer + LM (1.8x), half the cores each
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            job = pool.submit(vae_process, args, max(1, threads // 2))
-            torch.set_num_threads(max(1, threads // 2))
+            ctx["beside"] = pool.submit(vae_process, args, max(1, args.threads // 2))
+            torch.set_num_threads(max(1, args.threads // 2))
             report["tokenizer"] = run_stage("tokenizer", args, ctx)
             report["lm"] = run_stage("lm", args, ctx)
-            report["vae"], lat = job.result()  # (a failure in the other process raises here)
-            torch.set_num_threads(threads)
+            report["vae"], lat = ctx.pop("beside").result()  # (a failure in the other process raises here)
+            torch.set_num_threads(args.threads)
         ctx["vae"] = sample.load_pipeline(args.out, stages=("vae",)).vae
         pools(args, ctx, "train", lat)
     elif args.stage != "eval" and NEEDS[args.stage]:  # one stage: load the stages it stands on

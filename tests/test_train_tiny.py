@@ -4,6 +4,7 @@ clip, and a resumed stage finishes exactly where an uninterrupted one does. (The
 import argparse
 import json
 import os
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -85,3 +86,20 @@ def test_checkpoints_remember_their_seed_for_eval_and_resume(tmp_path):
     train_tiny.main(["--out", out, "--stage", "tokenizer", "--steps", "1", "--seed", "3"])
     assert torch.load(os.path.join(out, "tokenizer.pt"), weights_only=True)["seed"] == 3
     assert train_tiny.recorded_seed(out) == 3  # what --stage eval and --resume use when --seed is not given
+
+
+def test_the_lm_takes_the_vae_processs_cores_once_that_process_is_done(tmp_path):
+    threads = torch.get_num_threads()
+    args = argparse.Namespace(out=str(tmp_path), seed=0, steps=2, resume=False, threads=threads + 1)
+    model = torch.nn.Linear(2, 1)
+    running, done = Future(), Future()
+    done.set_result(None)
+    try:
+        train_tiny.fit("lm", args, {"model": model}, lambda: model(torch.ones(1, 2)).square().sum(), vae.PRESETS["tiny"],
+                       torch.Generator(), beside=running)
+        assert torch.get_num_threads() == threads  # the VAE still trains beside it: its cores are not free
+        train_tiny.fit("lm", args, {"model": model}, lambda: model(torch.ones(1, 2)).square().sum(), vae.PRESETS["tiny"],
+                       torch.Generator(), beside=done)
+        assert torch.get_num_threads() == threads + 1  # done: the stage runs on every core from its next step
+    finally:
+        torch.set_num_threads(threads)
