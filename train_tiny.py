@@ -7,7 +7,7 @@ speed (motion_score); (4) base DiT: text -> a window of latents, from noise or c
 (5) ControlNet branch, base frozen, on each window's reconstructed features. Then world.py judges LanDiff
 beside the base DiT alone (plain text-to-video, trained on the same clips and prefixes).
 
-    python train_tiny.py                          # everything, 10-15 minutes on 2 CPU cores
+    python train_tiny.py                          # everything, about 15 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
     python train_tiny.py --stage eval             # judge the checkpoints in --out again, with their --seed
 """
@@ -35,7 +35,7 @@ import vae
 import world
 
 # (steps, clips per batch, peak learning rate) per stage; how they were chosen: docs/EXPERIMENTS.md
-PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 16, 1.5e-3), lm=(1260, 32, 2e-3), dit=(2400, 16, 8e-3),
+PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 16, 1.5e-3), lm=(1150, 32, 2e-3), dit=(2200, 16, 8e-3),
             control=(500, 16, 8e-3))
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
 POOL = {17: 6000, 25: 900, 41: 500}  # frames -> training clips (speeds over the whole range), one set for all stages
