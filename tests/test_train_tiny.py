@@ -95,12 +95,13 @@ def test_the_lm_takes_the_vae_processs_cores_once_that_process_is_done(tmp_path)
     model = torch.nn.Linear(2, 1)
     running, done = Future(), Future()
     done.set_result(None)
+
+    def loss():
+        return model(torch.ones(1, 2)).square().sum()
     try:
-        train_tiny.fit("lm", args, {"model": model}, lambda: model(torch.ones(1, 2)).square().sum(), vae.PRESETS["tiny"],
-                       torch.Generator(), beside=running)
+        train_tiny.fit("lm", args, {"model": model}, loss, vae.PRESETS["tiny"], torch.Generator(), beside=running)
         assert torch.get_num_threads() == threads  # the VAE still trains beside it: its cores are not free
-        train_tiny.fit("lm", args, {"model": model}, lambda: model(torch.ones(1, 2)).square().sum(), vae.PRESETS["tiny"],
-                       torch.Generator(), beside=done)
+        train_tiny.fit("lm", args, {"model": model}, loss, vae.PRESETS["tiny"], torch.Generator(), beside=done)
         assert torch.get_num_threads() == threads + 1  # done: the stage runs on every core from its next step
     finally:
         torch.set_num_threads(threads)
