@@ -190,6 +190,7 @@ def load(root, prefix, stage_modules=None):
         mods[name] = module
     stage_modules = stage_modules or mods
     saved = {name: sys.modules.get(name) for name in STAGES}
+    sys.path.insert(0, str(root))  # sample.py's other imports (release.py) from root, the stages from stage_modules
     try:
         sys.modules.update(stage_modules)
         spec = importlib.util.spec_from_file_location(f"{prefix}_sample", Path(root) / "sample.py")
@@ -198,6 +199,7 @@ def load(root, prefix, stage_modules=None):
         spec.loader.exec_module(module)
         mods["sample"] = module
     finally:
+        sys.path.remove(str(root))
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)
@@ -323,7 +325,7 @@ class Oracle:
         return self.ref["lm"].LMConfig(codebook_size=self.rng.randint(10, 60), n_i=self.rng.randint(1, 5),
                                        n_p=self.rng.randint(1, 3), frames=self.rng.randint(1, 4), width=32,
                                        depth=self.rng.randint(1, 2), heads=2, mlp=40, text_dim=16,
-                                       text_len=self.rng.randint(1, 4), micro_dim=16, micro_hidden=16)
+                                       text_len=self.rng.randint(1, 4), micro_dim=16, micro_hidden=16, code_levels=())
 
     # the exercises
     def attention(self):
