@@ -24,13 +24,14 @@ Differences from the release, on purpose:
   padded positions (zero vectors) go through the text MLP like the rest (a learned "pad" vector).
 - Micro-conditions are mapped from their allowed range onto [0, 1000] before the sinusoidal
   features (SemanticLM.micro_embed); the release embeds the raw values (micro_raw=True, to load it).
+- The tiny preset also embeds and scores each code by its FSQ digits (code_levels, code_digits): a
+  1,000-row table alone learns too slowly from a few thousand clips to follow the motion score.
 - q, k, v and the MLP's two input matrices are fused into one matmul each (speed). Rows map one to
   one onto transformers' LlamaForCausalLM (q/k rows permuted: we turn adjacent channel pairs,
   Llama turns halves); apart from our final LayerNorm it is the same network.
-- No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no
-  motion-score head, no chunked cross-entropy, no autocast inside the module.
-- The tiny preset has its own word-level TextEncoder, trained with the LM (release: frozen
-  Flan-T5-XXL, which release.py loads, or else its seeded random stand-in of T5's shape).
+- No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no motion-score
+  head, no chunked cross-entropy, no autocast inside the module. The tiny preset has its own
+  word-level TextEncoder, trained with the LM (release: frozen Flan-T5-XXL, which release.py loads).
 """
 import math
 import re
@@ -47,6 +48,7 @@ SPECIALS = ("EOS", "BOS", "SOI", "EOI", "SOP", "EOP", "PAD")  # ids codebook_siz
 class LMConfig:
     # the token stream (tokenizer.py): codebook and the layout of one segment
     codebook_size: int = 1000  # FSQ levels (8, 5, 5, 5)
+    code_levels: tuple = (8, 5, 5, 5)  # the tokenizer's FSQ levels, read by CodeEmbedding / CodeHead; () = plain table
     n_i: int = 16  # codes of the I-group (the segment's first semantic frame)
     n_p: int = 4  # codes of each P-group (each later semantic frame)
     frames: int = 5  # semantic frames per segment: one I-group, frames - 1 P-groups
@@ -81,6 +83,9 @@ class LMConfig:
                                  f"got {w}={getattr(self, w)}, {h}={getattr(self, h)}")
         if min(self.codebook_size, self.n_i, self.n_p, self.frames, self.depth, self.text_len) < 1:
             raise ValueError("codebook_size, n_i, n_p, frames, depth and text_len must all be >= 1")
+        self.code_levels = tuple(self.code_levels)  # a list when read back from JSON
+        if self.code_levels and math.prod(self.code_levels) != self.codebook_size:
+            raise ValueError(f"code_levels {self.code_levels} must multiply to codebook_size {self.codebook_size}")
         if not 0.0 <= self.p_uncond < 1.0 or self.frames_max < 1 or self.motion_max <= 0:
             raise ValueError(f"p_uncond must be in [0, 1), frames_max >= 1 and motion_max > 0, got {self.p_uncond}, "
                              f"{self.frames_max}, {self.motion_max}")
@@ -103,9 +108,10 @@ class LMConfig:
 
 
 PRESETS = {
-    "tiny": LMConfig(),  # SemanticLM 1,439,616 params; TextEncoder 328,320 + 128 per vocabulary word
+    "tiny": LMConfig(),  # SemanticLM 1,446,528 params; TextEncoder 328,320 + 128 per vocabulary word
     "full": LMConfig(codebook_size=2048, n_i=330, n_p=74, frames=13, width=2048, depth=24, heads=16, mlp=11008,
-                     text_dim=4096, text_len=512, micro_hidden=512, frames_max=128, motion_max=10.0),  # limits: ours
+                     text_dim=4096, text_len=512, micro_hidden=512, code_levels=(),  # the release's plain table
+                     frames_max=128, motion_max=10.0),  # limits: ours
     # SemanticLM 2,049,321,984 params (docs/DESIGN.md §4: 2.05 B); the text comes from T5-XXL, not included
 }
 
@@ -227,13 +233,23 @@ def _normal_init(module):
             nn.init.zeros_(m.bias)
 
 
+def code_digits(cfg):
+    """Each code id's FSQ digits (tokenizer.py: id = sum_i digit_i * prod(levels before i)) as features
+    (V, sum(levels) + len(levels)): one-hot per level, then each digit scaled to [-1, 1] (the quantized
+    channel up to an affine map); zero rows for the structure ids."""
+    sizes = torch.tensor(cfg.code_levels)
+    digits = torch.arange(cfg.codebook_size)[:, None] // torch.cumprod(F.pad(sizes[:-1], (1, 0), value=1), 0) % sizes
+    onehot = torch.cat([F.one_hot(digits[:, i], n) for i, n in enumerate(cfg.code_levels)], dim=1)
+    table = torch.cat([onehot, digits / (sizes - 1) * 2 - 1], dim=1).float()  # (codebook, D_digits)
+    return F.pad(table, (0, 0, 0, cfg.vocab_size - cfg.codebook_size))
+
+
 # ---------------------------------------------------------------------------- the models
 class TextEncoder(nn.Module):
-    """The tiny preset's text encoder, trained with the LM; its output also conditions the tiny DiT.
-    Prompts are lower-cased and split into words, punctuation dropped (words, not bytes: a table of the
-    captions' few dozen words is learned in far fewer steps, docs/DESIGN.md §0); ids PAD = 0, UNK = 1,
-    words[i] = i + 2. The word list is saved in the state_dict as "_extra_state" (a list of str, fine for
-    torch.load(weights_only=True)). Restore: enc = TextEncoder(cfg, sd["_extra_state"]); enc.load_state_dict(sd)"""
+    """The tiny preset's text encoder, trained with the LM; its output also conditions the tiny DiT. Prompts
+    are lower-cased and split into words, punctuation dropped (a table of the captions' few dozen words learns
+    in far fewer steps than bytes, docs/DESIGN.md §0); ids PAD = 0, UNK = 1, words[i] = i + 2. The word list is
+    the state_dict's "_extra_state". Restore: enc = TextEncoder(cfg, sd["_extra_state"]); enc.load_state_dict(sd)"""
 
     PAD, UNK = 0, 1
 
@@ -249,9 +265,8 @@ class TextEncoder(nn.Module):
 
     def initialize_weights(self):
         _normal_init(self)  # as the LM's, then:
-        # Word embeddings start at unit scale, not GPT's 0.02, so each word stays visible in the residual
-        # stream beside what the blocks add. At 0.02 the blocks' output swamps the words; the words that pay
-        # off first (colours) are then kept and the later ones (directions) can be dropped for good.
+        # Word embeddings at unit scale, not 0.02: at 0.02 the blocks' output swamps the words, the first to pay
+        # off (colours) are kept and later ones (directions) can be dropped for good.
         nn.init.normal_(self.embed.weight, std=1.0)
 
     @staticmethod
@@ -310,22 +325,24 @@ class SemanticLM(nn.Module):
         W = cfg.width
         self.embed = nn.Embedding(cfg.vocab_size, W)
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
-        # The unconditional text of CFG: a learned null vector in every projected text slot, as the release LM
-        # (docs/DESIGN.md §4). The DiT's is the encoding of the empty prompt in CogVideoX, zeros here (diffusion.py).
+        # CFG's unconditional text: a learned null vector in every projected text slot, as the release (DESIGN §4)
         self.null_text = nn.Parameter(torch.empty(W))
         self.micro = nn.ModuleDict({k: nn.Sequential(nn.Linear(cfg.micro_dim, cfg.micro_hidden), nn.SiLU(),
                                                      nn.Linear(cfg.micro_hidden, W)) for k in ("frames", "motion")})
         self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp, cfg.norm_eps, cfg.attn_impl) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W)
         self.head = nn.Linear(W, cfg.vocab_size, bias=False)
+        self.register_buffer("digits", code_digits(cfg) if cfg.code_levels else None, persistent=False)  # (V, D_dig)
+        if self.digits is not None:
+            self.digits_in = nn.Linear(self.digits.shape[1], W, bias=False)
+            self.digits_out = nn.Linear(W, self.digits.shape[1], bias=False)
         self._rope = None  # (cos, sin) table, grown on demand; not a buffer, so meta-safe and out of the state_dict
         self.initialize_weights()
 
     def initialize_weights(self):
         _normal_init(self)
         nn.init.normal_(self.null_text, std=self.cfg.width ** -0.5)  # the null text: randn(W) / sqrt(W), as the release
-        # Zero-init: the last layer of each micro-condition MLP. The [frames] and [motion] slots start as
-        # zero vectors, so at init the conditions change nothing and their influence is learned (DiT-style).
+        # Zero-init each micro-condition MLP's last layer: the slots start as zeros, their influence is learned (DiT)
         for mlp in self.micro.values():
             nn.init.zeros_(mlp[2].weight)
             nn.init.zeros_(mlp[2].bias)
@@ -347,24 +364,28 @@ class SemanticLM(nn.Module):
                 self._rope = _rope_table(max(2 * end, 1024), self.cfg.width // self.cfg.heads, self.cfg.rope_theta,
                                          x.device)
         cos, sin = self._rope[0][start:end], self._rope[1][start:end]  # (N, D/2) each
-        # causal mask, built once per call for all blocks: query i (position start+i) sees keys j <= start+i.
-        # One new token sees everything, so decoding needs no mask at all.
+        # causal mask, once for all blocks: query i (position start+i) sees keys j <= start+i; one new token, all
         mask = None if N == 1 else torch.ones(N, end, dtype=torch.bool, device=x.device).tril(start)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
-        return self.head(self.norm(x))
+        h = self.norm(x)
+        return self.head(h) if self.digits is None else self.head(h) + self.digits_out(h) @ self.digits.T.to(h.dtype)
+
+    def embed_ids(self, ids):
+        """ids (...) -> input vectors (..., W): the id's row of the table, plus its FSQ digits' map (code_levels)."""
+        x = self.embed(ids)
+        return x if self.digits is None else x + self.digits_in(self.digits[ids])
 
     def micro_embed(self, frames, motion):
         """frames, motion (B,) -> the two micro-condition slots (B, 2, W).
 
-        Scaling: the sinusoid frequencies run from 1 down to 1e-4 rad per unit (made for DDPM steps
-        0..1000), so raw motion scores 0.5..1.25 would turn only the first few channels, by under a
-        radian. Each value is mapped linearly from its allowed range onto [0, 1000] instead; then
-        motion 0.5 vs 0.51 (or frames 5 vs 6) differ by several units, i.e. radians in the fast channels."""
+        The sinusoids turn 1 to 1e-4 rad per unit (made for DDPM steps 0..1000): raw scores 0.5..1.25 would
+        turn a few channels by under a radian, so each value is mapped from its allowed range onto [0, 1000]."""
         cfg = self.cfg
         slots = []
         for name, value, lo, hi in (("frames", frames, 1, cfg.frames_max), ("motion", motion, 0.0, cfg.motion_max)):
-            _check_range(name, value, lo, hi)
+            if ((value < lo) | (value > hi)).any():
+                raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value.tolist()}")
             t = value.float() if cfg.micro_raw else 1000.0 * (value.float() - lo) / (hi - lo)  # (B,) in [0, 1000]
             slots.append(self.micro[name](timestep_embedding(t, cfg.micro_dim).to(self.head.weight.dtype)))
         return torch.stack(slots, dim=1)  # (B, 2, W)
@@ -374,7 +395,9 @@ class SemanticLM(nn.Module):
 
         text (B, L, text_dim) with 1 <= L <= text_len; frames, motion (B,) tensors or numbers;
         keep (B,) bool: where False the text slots hold the learned null vector instead (CFG)."""
-        _check_text(self.cfg, text)
+        if text.dim() != 3 or text.shape[-1] != self.cfg.text_dim or not 1 <= text.shape[1] <= self.cfg.text_len:
+            raise ValueError(f"text must be (B, L, {self.cfg.text_dim}) with 1 <= L <= text_len = {self.cfg.text_len}, "
+                             f"got {tuple(text.shape)}")
         B = text.shape[0]
         frames = _per_sample(frames, "frames", B, text.device)
         motion = _per_sample(motion, "motion", B, text.device)
@@ -409,7 +432,7 @@ def lm_loss(model, codes, text, frames, motion):
     prefix = model.prefix(text, frames, motion, keep)  # (B, P, W), ends with SOI
     n_prefix = prefix.shape[1]
     # BEGIN SOLUTION lm_sequence: input = prefix + embedded tokens except the last; the logit at position i predicts id i+1, from the one before SOI on
-    x = torch.cat([prefix, model.embed(tokens[:, :-1])], dim=1)  # (B, n_prefix + S - 1, W): EOS is only a target
+    x = torch.cat([prefix, model.embed_ids(tokens[:, :-1])], dim=1)  # (B, n_prefix + S - 1, W): EOS is only a target
     logits = model(x)[:, n_prefix - 2:]  # (B, S + 1, V): the predictions of SOI and of every id after it
     targets = torch.cat([torch.full_like(tokens[:, :1], cfg.SOI), tokens], dim=1)  # (B, S + 1)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -443,12 +466,10 @@ def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperatur
              generator=None, prefix_codes=None, use_cache=True, progress=None):
     """Sample n_segments new segments of codes -> (B, n_segments * tokens_per_segment).
 
-    Prefill the prefix (and prefix_codes, earlier segments of the same stream, with their structure
-    tokens), then one id per step. Structure tokens are forced where the layout puts them; at code
-    positions only codebook ids can be drawn. guidance != 1 runs conditional and unconditional
-    (null-text) rows in one batch. temperature 0 is greedy. use_cache=False recomputes the whole
-    sequence every step (a check: same tokens for the same generator). progress(i, n), if given,
-    is called after step i of n (e.g. to move a bar: stage files import no tqdm)."""
+    Prefill the prefix (and prefix_codes, earlier segments of the stream), then one id per step: structure
+    tokens forced where the layout puts them, codebook ids drawn elsewhere. guidance != 1 runs conditional and
+    null-text rows in one batch; temperature 0 is greedy. use_cache=False recomputes the whole sequence every
+    step (a check: same tokens for the same generator). progress(i, n) is called after step i of n."""
     cfg = model.cfg
     B = text.shape[0]
     device = text.device
@@ -464,7 +485,7 @@ def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperatur
     x = model.prefix(text, frames, motion)  # (B, P, W)
     if copies == 2:
         x = torch.cat([x, model.prefix(text, frames, motion, torch.zeros(B, dtype=torch.bool, device=device))])
-    x = torch.cat([x, model.embed(seq[:, :known].repeat(copies, 1))], dim=1)  # (copies * B, P + known, W)
+    x = torch.cat([x, model.embed_ids(seq[:, :known].repeat(copies, 1))], dim=1)  # (copies * B, P + known, W)
     start = x.shape[1]
     cache = model.new_cache(x.shape[0], start + len(plan) - known) if use_cache else None
     logits = model(x, cache)[:, -1]  # (copies * B, V)
@@ -475,7 +496,7 @@ def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperatur
             progress(i + 1 - known, len(plan) - known)
         if i + 1 == len(plan):
             break
-        latest = model.embed(seq[:, i:i + 1].repeat(copies, 1))  # (copies * B, 1, W): the id just fixed
+        latest = model.embed_ids(seq[:, i:i + 1].repeat(copies, 1))  # (copies * B, 1, W): the id just fixed
         if use_cache:
             logits = model(latest, cache, start + i - known)[:, -1]
         else:
@@ -491,17 +512,6 @@ def _per_sample(v, name, B, device):
     if v.shape not in ((), (B,)):
         raise ValueError(f"{name} must be a number or a ({B},) tensor (one per sample), got shape {tuple(v.shape)}")
     return v.expand(B)
-
-
-def _check_range(name, value, lo, hi):
-    if ((value < lo) | (value > hi)).any():
-        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value.tolist()}")
-
-
-def _check_text(cfg, text):
-    if text.dim() != 3 or text.shape[-1] != cfg.text_dim or not 1 <= text.shape[1] <= cfg.text_len:
-        raise ValueError(f"text must be (B, L, {cfg.text_dim}) with 1 <= L <= text_len = {cfg.text_len}, "
-                         f"got {tuple(text.shape)}")
 
 
 def _check_codes(cfg, codes, what):

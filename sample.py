@@ -3,17 +3,15 @@
     prompt -> text encoder -> LM (semantic tokens, CFG) -> tokenizer decoder (semantic features)
     -> DiT + ControlNet (flow matching, CFG) -> VAE decoder -> frames
 
-Long clips stream: the LM writes one token segment per diffusion window, each window keeps the
-previous window's last `prefix` latent frames clean, the VAE decodes chunk by chunk with its cache.
-Full size: --weights DIR samples the released weights (release.py); without them every weight is random
-and T5-XXL a seeded random stand-in: such a run measures time and memory, and says so loudly.
+Long clips stream: the LM writes one token segment per diffusion window, each window keeps the previous
+window's last `prefix` latent frames clean, the VAE decodes chunk by chunk with its cache. Full size: --weights
+DIR samples the released weights (release.py); without them all is random (T5-XXL too): time and memory only.
 
     python sample.py --prompt "a red circle moving left"        # out/tiny checkpoints -> sample.gif
     python sample.py --prompt "a cyan circle moving up" --frames 41 --out long.mp4   # 4 windows
     python sample.py --prompts-file prompts.txt --out-dir clips  # clips/0000.gif, ..., manifest.json
     python sample.py --baseline --prompt "a red circle moving left" --out base.gif   # the base DiT alone
-    python sample.py --preset full --dry-run                     # any machine: parameters, shapes, memory
-    python sample.py --preset full                               # a GPU: bf16, SDPA, one stage at a time on it
+    python sample.py --preset full [--dry-run]   # a GPU: bf16, one stage at a time; --dry-run: any machine, no weights
 """
 import argparse
 import functools
@@ -84,7 +82,11 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
     cks = {s: load_checkpoint(os.path.join(ckpt_dir, f"{s}.pt"), s) for s in stages}
     mods = {s: STAGES[s][1](STAGES[s][0](**ck["config"])) for s, ck in cks.items()}  # module(config(...))
     for s, ck in cks.items():
-        mods[s].load_state_dict(ck["model"])
+        try:
+            mods[s].load_state_dict(ck["model"])
+        except RuntimeError as e:  # written by another version of the module: names or shapes differ
+            raise SystemExit(f"error: {os.path.join(ckpt_dir, s)}.pt does not fit this version's {s} "
+                             f"({str(e).splitlines()[1].strip()}); re-create it with `python train_tiny.py`") from None
     if "lm" in cks and "text" in cks["lm"]:  # tiny: the word-level encoder trained with the LM
         mods["text"] = lm.TextEncoder(mods["lm"].cfg, cks["lm"]["text"]["_extra_state"])
         mods["text"].load_state_dict(cks["lm"]["text"])
@@ -142,8 +144,7 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
     device = torch.device(p.device) if p.device is not None else next(p.dit.parameters()).device
     dtype = next(p.dit.parameters()).dtype
     frames, K = clip_windows(p, frames)
-    # Two generators: the diffusion noise, from the CPU (the same numbers on any device) whatever the LM drew; the
-    # LM's on its device (multinomial wants it there), seeded apart (CPU generators keep a seed's low 32 bits).
+    # noise: a CPU generator (the same on any device); the LM's on its device, seed + 2**31 (seeds keep 32 bits)
     noise_generator = torch.Generator().manual_seed(seed)
     lm_generator = torch.Generator(device).manual_seed(seed + 2**31)
     stage = functools.partial(run_stage, p.offload, device, log)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lm import PRESETS, SPECIALS, LMConfig, SemanticLM, TextEncoder, generate, lm_loss, token_layout
+from lm import PRESETS, SPECIALS, LMConfig, SemanticLM, TextEncoder, code_digits, generate, lm_loss, token_layout
 
-CFG = dataclasses.replace(PRESETS["tiny"], codebook_size=50, n_i=6, n_p=2, frames=3, width=64, depth=2, heads=4,
-                          mlp=128, text_dim=32, text_len=6, text_heads=2, text_mlp=64)
+CFG = dataclasses.replace(PRESETS["tiny"], codebook_size=50, code_levels=(2, 5, 5), n_i=6, n_p=2, frames=3, width=64,
+                          depth=2, heads=4, mlp=128, text_dim=32, text_len=6, text_heads=2, text_mlp=64)
 CAPTIONS = ["a red circle moving left", "a blue square moves up", "green triangle going down",
             "a square, yellow, moving right"]
 
@@ -35,7 +35,7 @@ def _inputs(B=2, cfg=CFG, seed=1):
 def _stream(m, B=2, n=30, seed=2):
     text, frames, motion = _inputs(B)
     ids = torch.randint(m.cfg.vocab_size, (B, n), generator=torch.Generator().manual_seed(seed))
-    return torch.cat([m.prefix(text, frames, motion), m.embed(ids)], dim=1)  # (B, P + n, W)
+    return torch.cat([m.prefix(text, frames, motion), m.embed_ids(ids)], dim=1)  # (B, P + n, W)
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def _greedy(m, text, frames, motion, keep):
             out.append(tok)
         else:
             tok = torch.full((x.shape[0],), tok)
-        x = torch.cat([x, m.embed(tok)[:, None]], 1)
+        x = torch.cat([x, m.embed_ids(tok)[:, None]], 1)
     return torch.stack(out, 1)
 
 
@@ -259,11 +259,34 @@ def test_bad_input():
                     (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p")):
         with pytest.raises(ValueError, match=msg):
             generate(m, text, frames, motion, **kw)
-    for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond")):
+    for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond"),
+                    (dict(code_levels=(8, 5, 5)), "must multiply to codebook_size 1000")):
         with pytest.raises(ValueError, match=msg):
             LMConfig(**kw)
     with pytest.raises(KeyError):
         PRESETS["huge"]
+
+
+@pytest.mark.uses("fsq")
+def test_code_digits_read_the_tokenizers_grid():
+    """code_digits must describe the tokenizer's FSQ ids: one one-hot per level, and value columns that are
+    the quantized channels (tokenizer.FSQ.indices_to_codes) up to one affine map each; structure ids get none."""
+    from tokenizer import FSQ
+    from tokenizer import PRESETS as TOKENIZER_PRESETS
+    cfg = PRESETS["tiny"]
+    assert cfg.code_levels == TOKENIZER_PRESETS["tiny"].levels
+    table = code_digits(cfg)  # (V, sum(levels) + len(levels))
+    n_levels = len(cfg.code_levels)
+    assert table.shape == (cfg.vocab_size, sum(cfg.code_levels) + n_levels)
+    assert torch.equal(table[:cfg.codebook_size, :-n_levels].sum(1), torch.full((cfg.codebook_size,), float(n_levels)))
+    assert not table[cfg.codebook_size:].any()
+    channels = FSQ(cfg.code_levels).indices_to_codes(torch.arange(cfg.codebook_size))  # (codebook, D)
+    lo, hi = channels.amin(0), channels.amax(0)
+    torch.testing.assert_close((table[:cfg.codebook_size, -n_levels:] + 1) / 2, (channels - lo) / (hi - lo))
+    m = _model()
+    ids = torch.tensor([0, 7, CFG.codebook_size + 1])  # two codes and BOS: BOS has no digits
+    assert not torch.allclose(m.embed_ids(ids[:2]), m.embed(ids[:2]))
+    assert torch.equal(m.embed_ids(ids[2:]), m.embed(ids[2:]))
 
 
 def test_presets():

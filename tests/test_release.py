@@ -211,7 +211,7 @@ def test_parity_with_the_released_modules(folder):
         gen = torch.Generator().manual_seed(3)  # the LM's: [BOS][frames 3][motion 0.1][5 text slots][SOI] + 4 codes
         text = torch.randn(1, 5, cfgs["lm"].text_dim, generator=gen)
         codes = torch.randint(0, cfgs["lm"].codebook_size, (4,), generator=gen)
-        x = torch.cat([load["lm"].prefix(text, 3, 0.1), load["lm"].embed(codes)[None]], dim=1)
+        x = torch.cat([load["lm"].prefix(text, 3, 0.1), load["lm"].embed_ids(codes)[None]], dim=1)
         close(load["lm"](x), ref["lm"]["logits"])
 
 

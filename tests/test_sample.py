@@ -204,6 +204,11 @@ def test_corrupt_and_foreign_checkpoints(ckpt, tmp_path, capsys):
     d = bad_folder(ckpt, tmp_path, "tokenizer", fn=lambda ck: {**ck, "config": full})
     msg = error_of(["--ckpt", str(d), "--out", str(tmp_path / "o.gif")], capsys)
     assert "full-preset checkpoints" in msg and "--preset full" in msg
+    def without_digits(ck):  # an LM written before it read the FSQ digits
+        return {**ck, "model": {k: v for k, v in ck["model"].items() if not k.startswith("digits_")}}
+    d = bad_folder(ckpt, tmp_path / "old", "lm", fn=without_digits)
+    msg = error_of(["--ckpt", str(d), "--out", str(tmp_path / "o.gif")], capsys)
+    assert "lm.pt does not fit this version's lm" in msg and "digits_in.weight" in msg and "train_tiny.py" in msg
 
 
 @pytest.mark.parametrize("stage", ["text", "lm", "tokenizer", "dit", "vae"])

@@ -199,7 +199,7 @@ def llama_from(model):
 def bench_lm(a, s):
     n = s["new"]  # ids per generate: n - 1 codes, then the forced [EOI]
     cfg = lm.LMConfig(codebook_size=2048, n_i=n - 1, n_p=1, frames=1, width=s["width"], depth=s["depth"],
-                      heads=s["heads"], mlp=s["mlp"], text_len=s["prompt"] - 4)  # prefix = text_len + 4
+                      heads=s["heads"], mlp=s["mlp"], text_len=s["prompt"] - 4, code_levels=())  # prefix = text_len + 4; Llama's table
     row = Row(f"lm decode {n} tok", per="tok/s", count=n)
     model = lm.SemanticLM(cfg).eval()
     for p in model.parameters():  # x1.5: an N(0, 0.02) net's top logits are near ties; make greedy decisive
@@ -219,7 +219,7 @@ def bench_lm(a, s):
         row.notes.append("peer: q/k rows permuted per head (RoPE pairs vs halves), its final RMSNorm swapped for our "
                          "LayerNorm, fed our prefix embeddings as inputs_embeds")
         codes = fns["ours"]()  # (1, n - 1)
-        x = torch.cat([prefix, model.embed(codes)], dim=1)  # (1, prompt + n - 1, W)
+        x = torch.cat([prefix, model.embed_ids(codes)], dim=1)  # (1, prompt + n - 1, W)
         diff = (model(x) - peer(inputs_embeds=x).logits).abs().max().item()
         mask = torch.ones(1, prefix.shape[1], dtype=torch.long)
         kw = dict(inputs_embeds=prefix, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
