@@ -25,7 +25,7 @@ Differences from the release, on purpose:
 - Micro-conditions are mapped from their allowed range onto [0, 1000] before the sinusoidal
   features (SemanticLM.micro_embed); the release embeds the raw values (micro_raw=True, to load it).
 - The tiny preset also embeds and scores each code by its FSQ digits (code_levels, code_digits): a
-  1,000-row table alone learns too slowly from a few thousand clips to follow the motion score.
+  1,000-row table alone learns too slowly from a few thousand clips (docs/DESIGN.md §4).
 - q, k, v and the MLP's two input matrices are fused into one matmul each (speed). Rows map one to
   one onto transformers' LlamaForCausalLM (q/k rows permuted: we turn adjacent channel pairs,
   Llama turns halves); apart from our final LayerNorm it is the same network.
@@ -48,7 +48,7 @@ SPECIALS = ("EOS", "BOS", "SOI", "EOI", "SOP", "EOP", "PAD")  # ids codebook_siz
 class LMConfig:
     # the token stream (tokenizer.py): codebook and the layout of one segment
     codebook_size: int = 1000  # FSQ levels (8, 5, 5, 5)
-    code_levels: tuple = (8, 5, 5, 5)  # the tokenizer's FSQ levels, read by CodeEmbedding / CodeHead; () = plain table
+    code_levels: tuple = (8, 5, 5, 5)  # the tokenizer's FSQ levels: codes embedded and scored by digit too; () = no
     n_i: int = 16  # codes of the I-group (the segment's first semantic frame)
     n_p: int = 4  # codes of each P-group (each later semantic frame)
     frames: int = 5  # semantic frames per segment: one I-group, frames - 1 P-groups
@@ -316,8 +316,8 @@ class TextEncoder(nn.Module):
 
 
 class SemanticLM(nn.Module):
-    """The LM without its (frozen, external) text encoder: token embedding, text MLP, learned null
-    text vector, micro-condition MLPs, `depth` Llama blocks, final LayerNorm, untied head."""
+    """The LM without its (frozen, external) text encoder: token embedding, text MLP, learned null text
+    vector, micro-condition MLPs, `depth` Llama blocks, final LayerNorm, untied head (tiny: + digit maps)."""
 
     def __init__(self, cfg):
         super().__init__()
