@@ -86,7 +86,7 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
             mods[s].load_state_dict(ck["model"])
         except RuntimeError as e:  # written by another version of the module: names or shapes differ
             raise SystemExit(f"error: {os.path.join(ckpt_dir, s)}.pt does not fit this version's {s} "
-                             f"({str(e).splitlines()[1].strip()}); re-create it with `python train_tiny.py`") from None
+                             f"({str(e).splitlines()[-1].strip()}); re-create it with `python train_tiny.py`") from None
     if "lm" in cks and "text" in cks["lm"]:  # tiny: the word-level encoder trained with the LM
         mods["text"] = lm.TextEncoder(mods["lm"].cfg, cks["lm"]["text"]["_extra_state"])
         mods["text"].load_state_dict(cks["lm"]["text"])
