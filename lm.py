@@ -7,17 +7,15 @@ language model learns text, conditioned on the prompt and two micro-conditions (
 motion score). Sampling continues the stream one id at a time with a KV cache and classifier-free
 guidance; wherever the layout needs a structure token it is forced, never sampled.
 
-Pipeline: prompt -> TextEncoder (tiny) / T5-XXL (full) -> text (B, L, text_dim) -> SemanticLM,
-          generate -> codes (B, n_seg * tokens_per_segment) -> tokenizer decoder.
+Pipeline: prompt -> TextEncoder (tiny) / T5-XXL (full) -> text (B, L, text_dim) -> generate -> codes -> tokenizer.
 The sequence (docs/DESIGN.md §4); a second segment repeats everything from [SOI] on, before the one [EOS]:
     [BOS] [frames] [motion] [text x L] [SOI] n_i codes [EOI] ([SOP] n_p codes [EOP]) x (frames-1) [EOS]
 [frames], [motion] and the text slots are vectors, not ids; the loss covers SOI and every id after it.
 
 Shapes: B batch, L text tokens, N positions, W width, H heads, D = W/H, V = codebook_size + 7.
 
-References: LanDiff (arXiv 2503.04606); Llama (arXiv 2302.13971): RMSNorm (1910.07467), gated
-MLP (2002.05202), RoPE (2104.09864); GELU (1606.08415); classifier-free guidance (2207.12598);
-nucleus sampling (1904.09751); micro-condition MLPs like DiT's timestep embedder (2212.09748).
+References: LanDiff (arXiv 2503.04606); Llama (arXiv 2302.13971): RMSNorm (1910.07467), gated MLP (2002.05202),
+RoPE (2104.09864); GELU (1606.08415); CFG (2207.12598); top-p (1904.09751); micro-conditions as DiT's t (2212.09748).
 
 Differences from the release, on purpose:
 - Fixed-length batches, not packed variable-length sequences: the text always takes L slots;
@@ -464,20 +462,21 @@ def _pick(logits, guidance, temperature, top_k, top_p, generator):
 @torch.no_grad()
 def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperature=1.0, top_k=None, top_p=None,
              generator=None, prefix_codes=None, use_cache=True, progress=None):
-    """Sample n_segments new segments of codes -> (B, n_segments * tokens_per_segment).
+    """Write n_segments more segments -> their codes (B, n_segments * tokens_per_segment - started).
 
-    Prefill the prefix (and prefix_codes, earlier segments of the stream), then one id per step: structure
-    tokens forced where the layout puts them, codebook ids drawn elsewhere. guidance != 1 runs conditional and
-    null-text rows in one batch; temperature 0 is greedy. use_cache=False recomputes the whole sequence every
-    step (a check: same tokens for the same generator). progress(i, n) is called after step i of n."""
+    Prefill the prefix and prefix_codes (the stream so far: earlier segments, perhaps the first `started` codes
+    of the next), then one id per step: structure tokens forced where the layout puts them, codebook ids drawn
+    elsewhere. guidance != 1 runs conditional and null-text rows in one batch; temperature 0 is greedy.
+    use_cache=False recomputes the whole sequence every step (a check: same tokens for the same generator).
+    progress(i, n) is called after step i of n."""
     cfg = model.cfg
     B = text.shape[0]
     device = text.device
-    n_old = _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes)
-    layout = token_layout(cfg, n_old + n_segments, device)[:-1]  # (S,): EOS is never needed as an input
+    n_old = _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes)  # codes given
+    layout = token_layout(cfg, n_old // cfg.tokens_per_segment + n_segments, device)[:-1]  # EOS is never an input
     plan = layout.tolist()
     seq = layout.expand(B, -1).clone()  # (B, S), filled in as we go
-    known = n_old * (cfg.tokens_per_segment + 2 * cfg.frames)  # old segments and the next segment's SOI
+    known = int((layout < 0).nonzero()[n_old])  # the stream up to the first code to draw
     if n_old:
         seq[:, :known][:, layout[:known] < 0] = prefix_codes
 
@@ -514,10 +513,10 @@ def _per_sample(v, name, B, device):
     return v.expand(B)
 
 
-def _check_codes(cfg, codes, what):
-    """-> the number of segments in codes (B, n_segments * tokens_per_segment)."""
+def _check_codes(cfg, codes, what, whole=True):
+    """-> the number of segments in codes (B, n_segments * tokens_per_segment); whole=False: any length."""
     per_segment = cfg.tokens_per_segment
-    if codes.dim() != 2 or codes.shape[1] == 0 or codes.shape[1] % per_segment:
+    if codes.dim() != 2 or codes.shape[1] == 0 or whole and codes.shape[1] % per_segment:
         raise ValueError(f"{what} must be (B, n_segments * tokens_per_segment) with tokens_per_segment = "
                          f"{per_segment}, got {tuple(codes.shape)}")
     if codes.min() < 0 or codes.max() >= cfg.codebook_size:
@@ -526,7 +525,7 @@ def _check_codes(cfg, codes, what):
 
 
 def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes):
-    """generate's arguments -> the number of segments in prefix_codes."""
+    """generate's arguments -> the number of codes in prefix_codes."""
     if not (isinstance(n_segments, int) and n_segments >= 1):
         raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
     if temperature < 0 or guidance < 0:
@@ -538,7 +537,8 @@ def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, pre
         return 0
     if prefix_codes.shape[0] != B:
         raise ValueError(f"prefix_codes must have batch size {B} like text, got {prefix_codes.shape[0]}")
-    return _check_codes(cfg, prefix_codes, "prefix_codes")
+    _check_codes(cfg, prefix_codes, "prefix_codes", whole=False)
+    return prefix_codes.shape[1]
 
 
 # ---------------------------------------------------------------------------- demo

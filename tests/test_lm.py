@@ -138,6 +138,9 @@ def test_prefix_codes_continue_the_stream():
     assert torch.equal(second, both[:, tps:])
     steps = len(token_layout(CFG, 1)) - 1  # one new segment: its ids after SOI, less the EOS
     assert calls == [(i, steps) for i in range(1, steps + 1)]
+    for started in (1, CFG.n_i, tps - 1):  # a segment already begun (sample.py: the frames a window's prefix fixes)
+        rest = generate(m, text, frames, motion, prefix_codes=both[:, :tps + started], temperature=0.0)
+        assert torch.equal(rest, both[:, tps + started:])
 
 
 @pytest.mark.exercise("lm_sequence", points=4)
@@ -253,6 +256,7 @@ def test_bad_input():
     for c, msg in ((codes[:, :-1], "tokens_per_segment = 10, got"), (codes + 50, r"codebook ids in \[0, 50\)")):
         with pytest.raises(ValueError, match=msg):
             lm_loss(m, c, text, frames, motion)
+    for c, msg in ((codes[:, :0], "tokens_per_segment = 10, got"), (codes + 50, r"codebook ids in \[0, 50\)")):
         with pytest.raises(ValueError, match=msg):
             generate(m, text, frames, motion, prefix_codes=c)
     for kw, msg in ((dict(n_segments=0), "n_segments"), (dict(temperature=-1.0), "temperature"),
