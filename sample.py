@@ -3,8 +3,9 @@
     prompt -> text encoder -> LM (semantic tokens, CFG) -> tokenizer decoder (semantic features)
     -> DiT + ControlNet (flow matching, CFG) -> VAE decoder -> frames
 
-Long clips stream: the LM writes one token segment per diffusion window, each window keeps the previous
-window's last `prefix` latent frames clean, the VAE decodes chunk by chunk with its cache. Full size: --weights
+Long clips stream: each diffusion window keeps the previous window's last `prefix` latent frames clean, and
+its token segment starts with those frames' codes, re-encoded from the frames generated so far; the LM writes
+the rest. The VAE decodes chunk by chunk with its cache. Full size: --weights
 DIR samples the released weights (release.py); without them all is random (T5-XXL too): time and memory only.
 
     python sample.py --prompt "a red circle moving left"        # out/tiny checkpoints -> sample.gif
@@ -17,10 +18,8 @@ import argparse
 import functools
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -72,9 +71,10 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
     offload: bool = False  # stages wait on the CPU and visit `device` one at a time (full size)
     text_dit: torch.nn.Module = None  # the DiT's own text encoder (release: T5-v1.1-XXL; `text` is Flan-T5-XXL)
     parameterization: object = None  # euler_sample's, for a DiT that is not a flow model (release.VPrediction)
+    features: torch.nn.Module = None  # RGB -> the tokenizer's semantic features; None: the LM re-describes overlaps
 
     def modules(self):
-        return [m for m in (self.text, self.text_dit, self.lm, self.tok, self.dit, self.control, self.vae) if m is not None]
+        return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
 
 
 def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAGES)):
@@ -92,6 +92,8 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
         mods["text"].load_state_dict(cks["lm"]["text"])
     elif "lm" in cks:  # full: T5 is not part of our checkpoints
         mods["text"] = release.StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
+    if "tokenizer" in mods:  # the tokenizer's own frozen features, to re-encode generated frames
+        mods["features"] = tokenizer.FrozenPatchFeatures(mods["tokenizer"].cfg)
     p = Pipeline(**{("tok" if s == "tokenizer" else s): m for s, m in mods.items()})
     if len(stages) == len(STAGES):
         check_contracts(p)
@@ -106,7 +108,7 @@ def random_pipeline(preset, seed=0):
     mods = {("tok" if s == "tokenizer" else s): STAGES[s][1](PRESETS[s][preset]) for s in STAGES}
     lm_cfg = mods["lm"].cfg
     text = lm.TextEncoder(lm_cfg, []) if preset == "tiny" else release.StandInText(lm_cfg.text_dim, mods["dit"].cfg.text_len)
-    p = Pipeline(text=text, **mods)
+    p = Pipeline(text=text, features=tokenizer.FrozenPatchFeatures(mods["tok"].cfg), **mods)
     check_contracts(p)
     return p
 
@@ -148,35 +150,52 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
     noise_generator = torch.Generator().manual_seed(seed)
     lm_generator = torch.Generator(device).manual_seed(seed + 2**31)
     stage = functools.partial(run_stage, p.offload, device, log)
-    # 1. Text -> semantic tokens: the prompt's encoding (it also conditions the DiT), then one segment of ids per window
+    # the prompt's encoding conditions the LM and the DiT (the release's DiT reads its own T5)
     text = stage("text", [p.text], lambda: p.text(p.text.tokenize(prompts))).to(device, dtype)  # (B, L, D)
     text_dit = text if p.text_dit is None else stage("text_dit", [p.text_dit], lambda: p.text_dit(prompts)).to(device, dtype)
-    sem = None
-    if not baseline:
-        n_sem = 1 + (frames - 1) // p.vae.cfg.temporal_factor  # the LM's `frames` condition: semantic frames
-        codes = stage("lm", [p.lm], lambda: lm.generate(p.lm, text, n_sem, motion, n_segments=K, guidance=guidance_lm,
-                                                        temperature=temperature, top_k=top_k, generator=lm_generator,
-                                                        progress=functools.partial(progress, "lm") if progress else None))
-        # 2. Tokens -> semantic features (B, K, T_sem, C, h, w): the tokenizer's decoder, all windows in one batch
-        sem = stage("tokenizer", [p.tok], lambda: p.tok.decode(codes.view(-1, p.tok.cfg.n_tokens))).unflatten(0, (-1, K))
+    lm_args = dict(text=text, frames=1 + (frames - 1) // p.vae.cfg.temporal_factor, motion=motion, guidance=guidance_lm,
+                   temperature=temperature, top_k=top_k, generator=lm_generator)  # frames: semantic ones
+    # 1-2. Text -> semantic tokens -> semantic features, one window at a time, just before the window (window_semantics)
+    semantics = None if baseline else functools.partial(window_semantics, p, stage, lm_args, progress, [])
     # 3. Semantic features -> latents: DiT + ControlNet denoise window after window, each continuing the last
     latents = stage("dit", [p.dit, None if baseline else p.control],
-                    lambda: denoise(p, text_dit, sem, windows=K, steps=steps, guidance=guidance_dit,
+                    lambda: denoise(p, text_dit, semantics, windows=K, steps=steps, guidance=guidance_dit,
                                     generator=noise_generator, progress=progress))  # (B, C, T_lat, h, w)
     # 4. Latents -> frames: the VAE decoder, two latent frames at a time with its causal cache
     video = stage("vae", [p.vae], lambda: p.vae.decode(latents / p.vae.cfg.scale_factor, chunk=2))  # (B, 3, T, H, W)
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
 
 
-def denoise(p, text, sem, windows, steps, guidance, generator, progress):
-    """Step 3: window k starts from window k - 1's last `prefix` latent frames, held clean (sem None: no branch)."""
+def window_semantics(p, stage, lm_args, progress, stream, k, latents):
+    """Steps 1-2 for window k -> its semantic features (B, T_sem, C, h, w): the LM continues its token stream
+    (`stream`, the segments of windows < k) by one segment, the tokenizer decodes it. Given p.features, the codes of
+    the semantic frames the window's clean prefix fixes are those generated frames' own, re-encoded, and the LM
+    writes only the new frames' codes: the branch sees the frames the DiT continues (docs/DESIGN.md §5)."""
+    known = torch.cat(stream, 1) if stream else None  # (B, k * tokens_per_segment)
+    overlap = None
+    if k and p.features is not None:
+        first = k * (p.dit.cfg.frames - p.dit.cfg.prefix)  # the window's first semantic (= latent) frame
+        video = stage("vae", [p.vae], lambda: p.vae.decode(latents / p.vae.cfg.scale_factor, chunk=2).clamp(-1, 1))
+        feats = stage("features", [p.features], lambda: p.features(video)[:, first:first + p.dit.cfg.prefix])
+        overlap = stage("tokenizer", [p.tok], lambda: p.tok.encode(feats))  # (B, n_i + (prefix - 1) n_p)
+        known = torch.cat([known, overlap], 1)
+    bar = functools.partial(progress, f"lm {k + 1}") if progress else None
+    new = stage("lm", [p.lm], lambda: lm.generate(p.lm, **lm_args, prefix_codes=known, progress=bar))
+    stream.append(new if overlap is None else torch.cat([overlap, new], 1))
+    return stage("tokenizer", [p.tok], lambda: p.tok.decode(stream[-1]))
+
+
+def denoise(p, text, semantics, windows, steps, guidance, generator, progress):
+    """Step 3: window k starts from window k - 1's last `prefix` latent frames, held clean; semantics(k, latents so
+    far) gives its semantic features for the branch (semantics None: the base DiT alone)."""
     cfg = p.dit.cfg
-    # BEGIN SOLUTION streaming: per window k: fresh noise, euler_sample with sem[:, k] and the last prefix frames so far as its prefix; append the new frames
+    # BEGIN SOLUTION streaming: per window k: fresh noise, its semantics, euler_sample with the last prefix frames so far as its prefix; append the new frames
     latents = None
     for k in range(windows):
         noise = torch.randn(text.shape[0], cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w, generator=generator)
+        sem = None if semantics is None else semantics(k, latents)
         window = diffusion.euler_sample(p.dit, noise.to(text.device, text.dtype), text, steps, guidance=guidance,
-                                        controlnet=None if sem is None else p.control, sem=None if sem is None else sem[:, k],
+                                        controlnet=None if sem is None else p.control, sem=sem,
                                         prefix=None if k == 0 else latents[:, :, -cfg.prefix:],
                                         parameterization=p.parameterization,
                                         progress=functools.partial(progress, f"dit {k + 1}/{windows}") if progress else None)
@@ -213,36 +232,6 @@ def run_stage(offload, device, log, name, modules, work):
 
 
 # ---------------------------------------------------------------------------- the command line
-def outputs(args):
-    """-> the prompts and each clip's path, all checked before any work."""
-    if args.prompts_file and not args.out_dir:
-        raise SystemExit("error: --prompts-file needs --out-dir (a folder for 0000.gif, ... and manifest.json)")
-    if not args.prompts_file and not args.out.endswith((".gif", ".mp4")):
-        raise SystemExit(f"error: --out must end in .gif or .mp4, got {args.out}")
-    if args.steps < 1:
-        raise SystemExit(f"error: --steps must be >= 1 (Euler steps per diffusion window), got {args.steps}")
-    prompts = [args.prompt] if not args.prompts_file else \
-        [s.strip() for s in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if s.strip()]
-    if not prompts:
-        raise SystemExit(f"error: --prompts-file {args.prompts_file} is empty; write one prompt per line")
-    folder = args.out_dir if args.prompts_file else os.path.dirname(args.out) or "."
-    try:  # the folder (made if missing) must take our files
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write into {folder!r} ({e.strerror or e}); choose a writable folder") from None
-    if args.prompts_file:
-        return prompts, [os.path.join(folder, f"{i:04d}.gif") for i in range(len(prompts))]
-    if args.out.endswith(".mp4"):
-        try:
-            import imageio_ffmpeg
-            imageio_ffmpeg.get_ffmpeg_exe()
-        except Exception:  # not installed, or no ffmpeg binary for this platform
-            print(f"note: ffmpeg is not available (pip install imageio-ffmpeg), writing {args.out[:-4]}.gif instead")
-            return prompts, [args.out[:-4] + ".gif"]
-    return prompts, [args.out]
-
-
 def pipeline(args, device, dtype):
     """The checkpoints in --ckpt (default out/<preset>) or, at full size only, random weights."""
     ckpt = args.ckpt or f"out/{args.preset}"
@@ -311,6 +300,7 @@ def run(args):
                          "on a CPU use --preset full --dry-run, or --preset tiny")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device == "cuda" else torch.float32}[args.dtype]
+    from tools.outputs import outputs  # the command line's files and folders: nothing to teach about sampling
     prompts, paths = outputs(args)
     p = release.load_release(args.weights, device, dtype, offload=True) if args.weights else pipeline(args, device, dtype)
     frames, _ = clip_windows(p, args.frames)  # a ValueError naming the schedule

@@ -90,7 +90,14 @@ def test_long_clip_streams_window_by_window(ckpt, tmp_path, capsys):
     log = capsys.readouterr().out
     c, tf = diffusion.PRESETS["tiny"], vae.PRESETS["tiny"].temporal_factor
     windows = 1 + (41 - (1 + (c.frames - 1) * tf)) // ((c.frames - c.prefix) * tf)  # 17 + 3 * 8: four windows
-    assert f"lm: (1, {windows * t.n_tokens})" in log  # one token segment per window
+    overlap = t.n_i + (c.prefix - 1) * t.n_p  # codes of the semantic frames a window's clean prefix fixes
+    # window 0: a whole segment; then only the new frames' codes, the overlap re-encoded from the frames so far
+    assert re.findall(r" lm: \(1, (\d+)\)", log) == [str(t.n_tokens)] + [str(t.n_tokens - overlap)] * (windows - 1)
+    assert log.count("features: (1, 3,") == windows - 1
+    p = sample.load_pipeline(str(ckpt))
+    p.features = None  # no feature source (the released weights, without Theia): the LM writes each whole segment
+    sample.generate_video(p, CAPTIONS[:1], frames=41, steps=1, log=print)
+    assert re.findall(r" lm: \(1, (\d+)\)", capsys.readouterr().out) == [str(t.n_tokens)] * windows
     assert "vae: (1, 3, 41," in log
 
 

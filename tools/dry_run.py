@@ -46,16 +46,19 @@ def dry_run(p, preset, frames, K):
         cache = p.lm.new_cache(2, P + S)
         p.lm(e(2, P, l.width), cache)
         p.lm(e(2, 1, l.width), cache, P)
-        return e(1, K * l.tokens_per_segment, dtype=torch.long)
+        return e(1, l.tokens_per_segment, dtype=torch.long)  # window 0's segment (later ones: the new frames' codes)
 
     def control_call():  # the hint is made once per window (as in euler_sample), then one step's residuals
         hint = p.control.hint(e(1, d.frames, d.sem_dim, *d.sem_hw))
         return p.control(x, tt, txt, hint=torch.cat([hint, hint]))
-    rows = [("text encoder", p.text, [p.text], lambda: e(1, d.text_len, d.text_dim)), ("LM", p.lm, [p.lm], lm_call),
-            ("tokenizer", p.tok, [p.tok], lambda: p.tok.decoder(e(K, t.n_tokens, t.code_dim))),
+    # the LM and tokenizer write each window's semantics just before it, while the DiT and ControlNet wait on the GPU
+    rows = [("text encoder", p.text, [p.text], lambda: e(1, d.text_len, d.text_dim)),
+            ("LM", p.lm, [p.dit, p.control, p.lm], lm_call),
+            ("tokenizer", p.tok, [p.dit, p.control, p.tok], lambda: p.tok.decoder(e(1, t.n_tokens, t.code_dim))),
             ("ControlNet + upsampler", p.control, [p.dit, p.control], control_call),  # both on the GPU
             ("DiT", p.dit, [p.dit, p.control], lambda: p.dit(x, tt, txt, [e(2, d.seq, d.width)] * d.control_depth)),
-            ("VAE", p.vae, [p.vae], lambda: p.vae.decode(e(1, v.z_ch, n_sem, d.lat_h, d.lat_w), chunk=2))]
+            ("VAE", p.vae, [p.vae] + [p.dit, p.control] * (K > 1),  # streaming: it decodes the frames to re-encode
+             lambda: p.vae.decode(e(1, v.z_ch, n_sem, d.lat_h, d.lat_w), chunk=2))]
     n = lambda *ms: sum(q.numel() for m in ms for q in m.parameters())  # noqa: E731
     size = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"  # noqa: E731
     print(f"{preset} preset, one {frames}-frame {t.image_h}x{t.image_w} clip ({K} window(s)), batch 1 (CFG: 2 rows in "
@@ -77,8 +80,8 @@ def dry_run(p, preset, frames, K):
     top, w_all, act = max(peaks, key=peaks.get), 2 * n(*p.modules()), max(a for _, a in peaks.values())
     print(f"{'total':<24}{params['total']:>14,}  = {params['total'] / 1e9:.2f} B without the text encoder (as the "
           f"paper's '5B'), {size(2 * params['total'])} in bf16\npeak memory in bf16, estimated (not measured) as resident "
-          f"weights + the largest activation, a lower bound:\n  stage offload (one stage on the GPU; DiT and ControlNet "
-          f"together): {size(peaks[top][0])} in {'denoising' if top in ('DiT', 'ControlNet + upsampler') else top}\n"
+          f"weights + the largest activation, a lower bound:\n  stage offload (one stage on the GPU, beside the DiT and "
+          f"ControlNet while they denoise): {size(peaks[top][0])} in {'denoising' if top in ('DiT', 'ControlNet + upsampler') else top}\n"
           f"  no offload (all weights resident): {size(w_all + act)} = {size(w_all)} + {size(act)}")
     return params
 
