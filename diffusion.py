@@ -435,9 +435,9 @@ def fm_loss(dit, x0, text, controlnet=None, sem=None, prefix=0, generator=None):
     xt[:, :, :prefix] = x0[:, :, :prefix]  # streaming: continue from clean frames
     if (controlnet if controlnet is not None else dit).training and cfg.p_uncond > 0:
         drop = _draw(torch.rand, (B,), generator, x0.device) < cfg.p_uncond
-        # The unconditional text is all zeros. CogVideoX's is the T5 encoding of the empty prompt; with no
-        # frozen text encoder to ask (the tiny one trains with the LM) zeros stand in for it. The LM's
-        # unconditional text is a learned null vector instead (lm.py, the release LM).
+        # The unconditional text is all zeros. CogVideoX's is the T5 encoding of the empty prompt; the tiny
+        # text encoder reads 1 to 8 words, not none, so zeros stand in for it. The LM's unconditional text
+        # is a learned null vector instead (lm.py, the release LM).
         text = text.masked_fill(drop[:, None, None], 0.0)
     control = controlnet(xt, t, text, sem) if controlnet is not None else None
     v = dit(xt, t, text, control)

@@ -244,7 +244,7 @@ def code_digits(cfg):
 
 # ---------------------------------------------------------------------------- the models
 class TextEncoder(nn.Module):
-    """The tiny preset's text encoder, trained with the LM; its output also conditions the tiny DiT. Prompts
+    """The tiny preset's text encoder: one trained with the LM; the tiny DiT reads another, frozen. Prompts
     are lower-cased and split into words, punctuation dropped (a table of the captions' few dozen words learns
     in far fewer steps than bytes, docs/DESIGN.md §0); ids PAD = 0, UNK = 1, words[i] = i + 2. The word list is
     the state_dict's "_extra_state". Restore: enc = TextEncoder(cfg, sd["_extra_state"]); enc.load_state_dict(sd)"""

@@ -69,7 +69,7 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
     control: "diffusion.ControlNet" = None
     device: torch.device = None  # where the stages run; None: where the DiT's weights are
     offload: bool = False  # stages wait on the CPU and visit `device` one at a time (full size)
-    text_dit: torch.nn.Module = None  # the DiT's own text encoder (release: T5-v1.1-XXL; `text` is Flan-T5-XXL)
+    text_dit: torch.nn.Module = None  # the DiT's own text encoder (release: T5-v1.1-XXL; `text` is Flan-T5-XXL); None: `text`
     parameterization: object = None  # euler_sample's, for a DiT that is not a flow model (release.VPrediction)
     features: torch.nn.Module = None  # RGB -> the tokenizer's semantic features; None: the LM re-describes overlaps
 
@@ -78,7 +78,7 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
 
 
 def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAGES)):
-    """Load the stages' checkpoints from ckpt_dir (the LM's file also holds the text encoder)."""
+    """Load the stages' checkpoints from ckpt_dir (the LM's and the DiT's files also hold their text encoders)."""
     cks = {s: load_checkpoint(os.path.join(ckpt_dir, f"{s}.pt"), s) for s in stages}
     mods = {s: STAGES[s][1](STAGES[s][0](**ck["config"])) for s, ck in cks.items()}  # module(config(...))
     for s, ck in cks.items():
@@ -92,6 +92,9 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
         mods["text"].load_state_dict(cks["lm"]["text"])
     elif "lm" in cks:  # full: T5 is not part of our checkpoints
         mods["text"] = release.StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
+    if "dit" in cks and "text" in cks["dit"]:  # tiny: the DiT's own word-level encoder (frozen, kept with it)
+        mods["text_dit"] = lm.TextEncoder(lm.PRESETS["tiny"], cks["dit"]["text"]["_extra_state"])
+        mods["text_dit"].load_state_dict(cks["dit"]["text"])
     if "tokenizer" in mods:  # the tokenizer's own frozen features, to re-encode generated frames
         mods["features"] = tokenizer.FrozenPatchFeatures(mods["tokenizer"].cfg)
     p = Pipeline(**{("tok" if s == "tokenizer" else s): m for s, m in mods.items()})
@@ -150,9 +153,10 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
     noise_generator = torch.Generator().manual_seed(seed)
     lm_generator = torch.Generator(device).manual_seed(seed + 2**31)
     stage = functools.partial(run_stage, p.offload, device, log)
-    # the prompt's encoding conditions the LM and the DiT (the release's DiT reads its own T5)
+    # the prompt's encodings: one conditions the LM, the other the DiT (each reads its own, as in the release)
     text = stage("text", [p.text], lambda: p.text(p.text.tokenize(prompts))).to(device, dtype)  # (B, L, D)
-    text_dit = text if p.text_dit is None else stage("text_dit", [p.text_dit], lambda: p.text_dit(prompts)).to(device, dtype)
+    dit_encoder = p.text if p.text_dit is None else p.text_dit
+    text_dit = stage("text_dit", [dit_encoder], lambda: dit_encoder(dit_encoder.tokenize(prompts))).to(device, dtype)
     lm_args = dict(text=text, frames=1 + (frames - 1) // p.vae.cfg.temporal_factor, motion=motion, guidance=guidance_lm,
                    temperature=temperature, top_k=top_k, generator=lm_generator)  # frames: semantic ones
     # 1-2. Text -> semantic tokens -> semantic features, one window at a time, just before the window (window_semantics)

@@ -1,13 +1,13 @@
 """train_tiny.py: the whole LanDiff pipeline learns a toy world on a laptop CPU.
 
-The world: Moving Shapes v2 (world.py, its docstring the contract). The stages train in the order their
-data depends on (arXiv 2503.04606 §3-4): (1) VAE, in a second process; (2) tokenizer, then the training
-clips' ids, one segment per diffusion window; (3) LM + text encoder on them, given each clip's frames and
-speed (motion_score); (4) base DiT: text -> a window of latents, from noise or continuing a clean prefix;
-(5) ControlNet branch, base frozen, on each window's reconstructed features. Then world.py judges LanDiff
-beside the base DiT alone (plain text-to-video, trained on the same clips and prefixes).
+The world: Moving Shapes v2 (world.py, its docstring the contract). The stages train in the order their data
+depends on (arXiv 2503.04606 §3-4), in two chains on half the cores each: (1) VAE, then (4) base DiT on its own
+frozen text encoder (text -> a window of latents, from noise or continuing a clean prefix), in a second process; beside
+them (2) tokenizer, then the clips' ids, one segment per diffusion window, and (3) LM + its text encoder on them,
+given each clip's frames and speed (motion_score). Then (5) ControlNet branch, base frozen, on each window's
+reconstructed features; world.py judges LanDiff beside the base DiT alone (plain text-to-video, same clips).
 
-    python train_tiny.py                          # everything, about 15 minutes on 2 CPU cores
+    python train_tiny.py                          # everything, about 14 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
     python train_tiny.py --stage eval             # judge the checkpoints in --out again, with their --seed
 """
@@ -20,11 +20,9 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import diffusion
@@ -33,22 +31,25 @@ import sample
 import tokenizer
 import vae
 import world
+from tools.outputs import save_samples  # (GIF and PNG files: nothing to teach)
 
 # (steps, clips per batch, peak learning rate) per stage; how they were chosen: docs/EXPERIMENTS.md
 PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 16, 1.5e-3), lm=(2300, 16, 2e-3), dit=(2200, 16, 8e-3),
             control=(500, 16, 8e-3))
-NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae", "tokenizer", "lm"], control=["vae", "tokenizer", "lm", "dit"])
+NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae"], control=["vae", "tokenizer", "dit"])
 POOL = {17: 6000, 25: 900, 41: 500}  # frames -> training clips (speeds over the whole range), one set for all stages
 STREAM = 1 / 3  # share of the DiT's and the branch's batches that continue a clean prefix
 WINDOW = diffusion.PRESETS["tiny"]  # WINDOW.frames latent frames, the first WINDOW.prefix clean when streaming
 STRIDE = WINDOW.frames - WINDOW.prefix  # latent (= semantic) frames from one window to the next: 2 (8 RGB frames)
 SAVE_EVERY = 30  # seconds between checkpoints of a running stage
+WORDS = lm.TextEncoder.build_vocab(t.format(color=c, shape=s, direction=d)  # the text encoders': the seen captions' words
+                                   for t in world.TEMPLATES for c, s, d in world.SPLITS["seen"])
 
 
 # ---------------------------------------------------------------------------- training loop, data
 def fit(name, args, modules, loss_fn, cfg, g, finish=None, beside=None):
     """AdamW, warm-up, cosine decay over the PLAN's steps; atomic checkpoints every 30 s and at the end (with the config
-    finish() returns); once `beside` (the VAE's process) is done, its cores join. --resume loads a finished stage, continues one."""
+    finish() returns); once beside() (the other process is done) is true, its cores join. --resume loads a finished stage, continues one."""
     steps, _, lr = PLAN[name]
     steps = min(steps, args.steps or steps)
     path, step = os.path.join(args.out, f"{name}.pt"), 0
@@ -73,7 +74,7 @@ def fit(name, args, modules, loss_fn, cfg, g, finish=None, beside=None):
         sample.save_checkpoint(path, stage=name, config=dataclasses.asdict(cfg), done=done, step=n, seed=args.seed,
                                **{k: m.state_dict() for k, m in modules.items()}, optim=opt.state_dict(),
                                sched=sched.state_dict(), gen=g.get_state(), rng=torch.get_rng_state())
-    line = 0 if multiprocessing.parent_process() is None else 1  # the VAE's process draws its bar below ours
+    line = 0 if multiprocessing.parent_process() is None else 1  # the other process draws its bar below ours
     bar = tqdm(range(step, steps), desc=f"{name:>9}", initial=step, total=steps, ncols=90, position=line)  # (closes itself)
     last, ema = time.time(), None
     for step in bar:
@@ -88,7 +89,7 @@ def fit(name, args, modules, loss_fn, cfg, g, finish=None, beside=None):
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
-        if beside is not None and beside.done() and torch.get_num_threads() < args.threads:  # the VAE is done: its cores join
+        if beside is not None and beside() and torch.get_num_threads() < args.threads:  # the other chain is done: its cores join
             torch.set_num_threads(args.threads)
         if time.time() - last > SAVE_EVERY:
             save(False, step + 1)
@@ -127,38 +128,38 @@ def encode(ctx, specs, what):
     return torch.cat(out)
 
 
-def pool_specs(args):  # the training clips (under --steps: 8 of each length, a quick look)
-    g = gen(args, 3)
-    return {f: world.draw_clips(min(8, n) if args.steps else n, g, f) for f, n in POOL.items()}
-
-
 @torch.no_grad()
 def pools(args, ctx, split="train", lat=None):
-    """The training clips by length, or ("unseen") 64 fresh 17-frame clips (8 under --steps) for validation,
-    with their token ids, made once per run; given lat (latents by length, or True: encode here) also their
-    latents and each window's reconstructed features (N, K, frames, C, h, w), the ControlNet's condition."""
-    if split not in ctx:
-        t0 = time.time()
-        specs = pool_specs(args) if split == "train" else {17: world.draw_clips(8 if args.steps else 64, gen(args, 108))}
-        ctx[split] = {f: dict(specs=s, ids=encode(ctx, s, "ids")) for f, s in specs.items()}
-        print(f"{split:>9}: {' + '.join(str(len(s)) for s in specs.values())} clips tokenized in {time.time() - t0:.1f}s")
+    """The training clips by length, or ("unseen") 64 fresh 17-frame clips (8 under --steps) for validation, made once
+    per run; given the tokenizer, their ids and each window's reconstructed features (N, K, frames, C, h, w), the
+    ControlNet's condition; given lat (latents by length, or True: encode here), their latents."""
+    if split not in ctx:  # (under --steps: 8 clips of each length, a quick look)
+        sizes = {f: min(8, n) if args.steps else n for f, n in POOL.items()} if split == "train" else {17: 8 if args.steps else 64}
+        g = gen(args, 3 if split == "train" else 108)
+        ctx[split] = {f: dict(specs=world.draw_clips(n, g, f)) for f, n in sizes.items()}
+    if ctx.get("tok") is not None and "ids" not in ctx[split][17]:
+        for d in ctx[split].values():
+            d["ids"] = encode(ctx, d["specs"], "ids")
+            rec = [ctx["tok"].decode(b.reshape(-1, ctx["tok"].cfg.n_tokens)).unflatten(0, (len(b), -1)) for b in d["ids"].split(250)]
+            d["rec"] = torch.cat(rec)
+        print(f"{split:>9}: {' + '.join(str(len(d['specs'])) for d in ctx[split].values())} clips tokenized")
     if lat is not None and "lat" not in ctx[split][17]:
         for f, d in ctx[split].items():
-            rec = [ctx["tok"].decode(b.reshape(-1, ctx["tok"].cfg.n_tokens)).unflatten(0, (len(b), -1)) for b in d["ids"].split(250)]
-            d.update(lat=encode(ctx, d["specs"], "lat") if lat is True else lat[f], rec=torch.cat(rec))
+            d["lat"] = encode(ctx, d["specs"], "lat") if lat is True else lat[f]
     return ctx[split]
 
 
 def window_batch(ctx, data, n, g, stream=None):
     """A diffusion batch. Streaming (with probability STREAM): window k >= 1 of a 25- or 41-frame clip with
     its first WINDOW.prefix latent frames clean, as sample.py continues a long clip; else window 0 of a
-    17-frame clip. -> latents (n, C, WINDOW.frames, h, w), caption features, the window's features, prefix."""
+    17-frame clip. -> latents (n, C, WINDOW.frames, h, w), the DiT's caption features, the window's features, prefix."""
     stream = bool(torch.rand((), generator=g) < STREAM) if stream is None else stream
     pool = data[(25, 41)[int(torch.randint(2, (), generator=g))]] if stream else data[17]
-    idx, _, text = batch(pool, n, g, ctx["text"])
-    k = int(torch.randint(1, pool["rec"].shape[1], (), generator=g)) if stream else 0
+    idx, _, text = batch(pool, n, g, ctx["text_dit"])
+    windows = 1 + (pool["lat"].shape[2] - WINDOW.frames) // STRIDE
+    k = int(torch.randint(1, windows, (), generator=g)) if stream else 0
     x0 = pool["lat"][idx][:, :, k * STRIDE:k * STRIDE + WINDOW.frames]
-    return x0, text, pool["rec"][idx][:, k], WINDOW.prefix if stream else 0
+    return x0, text, pool["rec"][idx][:, k] if "rec" in pool else None, WINDOW.prefix if stream else 0
 
 
 # ---------------------------------------------------------------------------- the stages
@@ -202,8 +203,7 @@ def stage_tokenizer(args, ctx):
 
 def stage_lm(args, ctx):
     data, cfg, g, (_, n, _) = pools(args, ctx), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
-    words = lm.TextEncoder.build_vocab(t.format(color=c, shape=s, direction=d) for t in world.TEMPLATES for c, s, d in world.SPLITS["seen"])
-    model, text = lm.SemanticLM(cfg), lm.TextEncoder(cfg, words)
+    model, text = lm.SemanticLM(cfg), lm.TextEncoder(cfg, WORDS)
 
     def loss_fn(g=g, frames=None, data=data):  # 1-segment clips, with 2- and 4-segment streams now and then
         frames = frames or (17, 17, 17, 17, 17, 17, 25, 41)[torch.randint(8, (), generator=g)]
@@ -218,21 +218,21 @@ def stage_lm(args, ctx):
 
 
 def stage_dit(args, ctx):
-    data, g, (_, n, _) = pools(args, ctx), gen(args, 6), PLAN["dit"]
-    model = diffusion.DiT(WINDOW)
+    data, g, (_, n, _) = pools(args, ctx, "train", True), gen(args, 6), PLAN["dit"]
+    model, text = diffusion.DiT(WINDOW), lm.TextEncoder(lm.PRESETS["tiny"], WORDS).requires_grad_(False)
+    ctx["text_dit"] = text  # its own, frozen as the paper's T5 (here at its random start): the base is text-to-video
 
     def loss_fn():  # with streaming batches: the base DiT alone continues long clips too
         x0, text, _, prefix = window_batch(ctx, data, n, g)
         return diffusion.fm_loss(model, x0, text, prefix=prefix, generator=g)
-    fit("dit", args, {"model": model}, loss_fn, WINDOW, g)
-    ctx["dit"] = model.eval().requires_grad_(False)
+    fit("dit", args, {"model": model, "text": text}, loss_fn, WINDOW, g, beside=ctx.get("beside"))
+    ctx["dit"], ctx["text_dit"] = model.eval().requires_grad_(False), text.eval().requires_grad_(False)
     return f"validation flow-matching loss {validation(args, ctx):.4f}"
 
 
 def stage_control(args, ctx):
-    data, g, (_, n, _) = pools(args, ctx), gen(args, 7), PLAN["control"]
-    dit = ctx["dit"].requires_grad_(False)  # the base stays frozen (paper §3.3)
-    net = diffusion.ControlNet.from_dit(dit).train()
+    data, g, (_, n, _) = pools(args, ctx, "train", True), gen(args, 7), PLAN["control"]
+    dit, net = ctx["dit"].requires_grad_(False), diffusion.ControlNet.from_dit(ctx["dit"]).train()  # the base stays frozen (paper §3.3)
 
     def loss_fn():
         x0, text, sem, prefix = window_batch(ctx, data, n, g)
@@ -276,11 +276,7 @@ def evaluate(args, per_combo=2):
     for m in ("LanDiff", "base DiT"):  # why: the speeds it moves at, and the checks its long clips fail
         print(f"{m}: fitted speed at motion 0.5 / 1.25: {' / '.join(f'{x:.2f}' for x in report[m]['speed']['fitted_speed'].values())}; "
               f"long clips fail on {', '.join(f'{b} {n}' for b, n in report[m]['long']['breaks'].items() if n) or 'nothing'}")
-    os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)  # LanDiff's clips: a GIF each, the short ones in a grid
-    for i, clip in enumerate(list(torch.cat(shown[:2])) + list(shown[2])):
-        imageio.mimsave(os.path.join(args.out, "samples", f"{i:02d}.gif"), list(clip.numpy()), duration=125, loop=0)
-    grid = torch.cat([torch.cat(list(c), 1) for c in torch.cat(shown[:2])], 0).numpy()  # (clips*H, T*W, 3)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(os.path.join(args.out, "samples.png"))
+    save_samples(args.out, torch.cat(shown[:2]), shown[2])  # LanDiff's clips: a GIF each, the short ones in a grid
     return dict(report, seconds=round(time.time() - t0, 1))
 
 
@@ -293,10 +289,11 @@ def run_stage(name, args, ctx):
     return dict(seconds=round(time.time() - t0, 1), metric=metric)
 
 
-def vae_process(args, threads):  # a fresh (spawned) process: the VAE, then the training clips' latents
+def vae_dit_process(args, threads, lm_done):  # a fresh (spawned) process: VAE, then base DiT (every core once lm_done is set)
     torch.set_num_threads(threads)
-    ctx = {}
-    return run_stage("vae", args, ctx), {f: encode(ctx, s, "lat") for f, s in pool_specs(args).items()}
+    ctx = dict(beside=lm_done.is_set)
+    report = {name: run_stage(name, args, ctx) for name in ("vae", "dit")}
+    return report, {f: d["lat"] for f, d in ctx["train"].items()}  # the training clips' latents, for the branch
 
 
 def recorded_seed(out):  # the --seed that trained out's checkpoints (the first stage found), else 0
@@ -318,28 +315,31 @@ def main(argv=None):
         args.seed = recorded_seed(args.out) if args.stage == "eval" or args.resume else 0
     os.makedirs(args.out, exist_ok=True)
     t_start, ctx, report = time.time(), {}, {}
-    args.threads = torch.get_num_threads()  # all of them: fit() hands the VAE's back to the LM once it is done
-    if args.stage is None:  # the VAE (1.4x faster on 2 threads than on 1) beside tokenizer + LM (1.8x), half the cores each
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            ctx["beside"] = pool.submit(vae_process, args, max(1, args.threads // 2))
+    args.threads = torch.get_num_threads()  # all of them: fit() hands one chain's cores to the other once it is done
+    if args.stage is None:  # VAE + DiT beside tokenizer + LM, half the cores each (1 thread does more work per core)
+        spawn = multiprocessing.get_context("spawn")
+        with spawn.Manager() as manager, ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            lm_done = manager.Event()
+            beside = pool.submit(vae_dit_process, args, max(1, args.threads // 2), lm_done)
+            ctx["beside"] = beside.done
             torch.set_num_threads(max(1, args.threads // 2))
-            report["tokenizer"] = run_stage("tokenizer", args, ctx)
-            report["lm"] = run_stage("lm", args, ctx)
-            report["vae"], lat = ctx.pop("beside").result()  # (a failure in the other process raises here)
+            for name in ("tokenizer", "lm"):
+                report[name] = run_stage(name, args, ctx)
+            lm_done.set()
+            vae_dit, lat = beside.result()  # (a failure in the other process raises here)
             torch.set_num_threads(args.threads)
-        ctx["vae"] = sample.load_pipeline(args.out, stages=("vae",)).vae
+        report.update(vae_dit)
+        ctx.update({k: m for k, m in vars(sample.load_pipeline(args.out, stages=("vae", "dit"))).items() if isinstance(m, torch.nn.Module)})
         pools(args, ctx, "train", lat)
     elif args.stage != "eval" and NEEDS[args.stage]:  # one stage: load the stages it stands on
         ctx.update(vars(sample.load_pipeline(args.out, stages=NEEDS[args.stage])))
-        if ctx["vae"] is not None:  # a diffusion stage: the clips' latents and features too
-            pools(args, ctx, "train", True)
-    for name in ["dit", "control"] if args.stage is None else [] if args.stage == "eval" else [args.stage]:
+    for name in ["control"] if args.stage is None else [] if args.stage == "eval" else [args.stage]:
         report[name] = run_stage(name, args, ctx)
     if args.stage in (None, "eval"):
         report["eval"] = evaluate(args, args.eval_clips)
     total = time.time() - t_start
     print(f"total {total:.0f}s: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in report.items())
-          + (" (vae beside tokenizer + lm)" if args.stage is None else ""))
+          + (" (vae + dit beside tokenizer + lm)" if args.stage is None else ""))
     if args.stage is None:
         with open(os.path.join(args.out, "report.json"), "w") as f:
             json.dump(dict(report, total_seconds=round(total, 1)), f, indent=1, default=float)

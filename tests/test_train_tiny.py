@@ -4,6 +4,7 @@ clip, and a resumed stage finishes exactly where an uninterrupted one does. (The
 import argparse
 import json
 import os
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -31,13 +32,17 @@ def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
     assert json.load(open(os.path.join(out, "report.json")))["total_seconds"] > 0
     p = sample.load_pipeline(out)  # the round trip: sample.py reads what train_tiny.py wrote
     assert p.vae.cfg.scale_factor != vae.PRESETS["tiny"].scale_factor  # the measured latent scale was kept
+    # the DiT reads its own text encoder (the paper's DiT: its own T5), kept in dit.pt and frozen: not in its optimizer
+    assert p.text_dit.words == p.text.words and not torch.equal(p.text_dit.embed.weight, p.text.embed.weight)
+    optimized = torch.load(os.path.join(out, "dit.pt"), weights_only=True)["optim"]["param_groups"][0]["params"]
+    assert len(optimized) == len(list(p.dit.parameters()))
     log = capsys.readouterr().out
     assert "accuracy held-out" in log and "LanDiff" in log and "base DiT" in log and "long clips passing" in log
     # the diffusion stages' data, built across two processes in the full run, belongs clip by clip to
-    # the LM's clips: latents from the VAE's process (here resumed: loaded, not retrained), ids and
+    # the LM's clips: latents from the VAE + DiT process (here resumed: loaded, not retrained), ids and
     # reconstructions from this one
     args = argparse.Namespace(out=out, seed=0, steps=2, resume=True)
-    _, lat = train_tiny.vae_process(args, 1)
+    _, lat = train_tiny.vae_dit_process(args, 1, threading.Event())
     ctx = vars(sample.load_pipeline(out, stages=("vae", "tokenizer")))
     with torch.no_grad():  # 2 steps leave every code at the centre of the grid: spread them, or nothing is checked
         ctx["tok"].encoder.to_code.weight.mul_(300)
@@ -51,7 +56,7 @@ def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
         assert ids.shape[1] == (1 + (f - 17) // 8) * ctx["tok"].cfg.n_tokens  # one segment per diffusion window
         assert (data[f]["ids"][3:4] == ids).float().mean() > 0.9  # (a rounding at an FSQ level boundary may flip one)
         torch.testing.assert_close(data[f]["rec"][3], ctx["tok"].decode(data[f]["ids"][3].view(-1, ctx["tok"].cfg.n_tokens)))
-    x0, _, sem, prefix = train_tiny.window_batch(dict(ctx, text=p.text), data, 4, torch.Generator().manual_seed(0), stream=True)
+    x0, _, sem, prefix = train_tiny.window_batch(dict(ctx, text_dit=p.text_dit), data, 4, torch.Generator().manual_seed(0), stream=True)
     assert prefix == p.dit.cfg.prefix and x0.shape[2] == p.dit.cfg.frames and sem.shape[1] == ctx["tok"].cfg.frames
 
 
@@ -89,19 +94,19 @@ def test_checkpoints_remember_their_seed_for_eval_and_resume(tmp_path):
     assert train_tiny.recorded_seed(out) == 3  # what --stage eval and --resume use when --seed is not given
 
 
-def test_the_lm_takes_the_vae_processs_cores_once_that_process_is_done(tmp_path):
+def test_a_stage_takes_the_other_chains_cores_once_that_chain_is_done(tmp_path):
     threads = torch.get_num_threads()
     args = argparse.Namespace(out=str(tmp_path), seed=0, steps=2, resume=False, threads=threads + 1)
     model = torch.nn.Linear(2, 1)
-    running, done = Future(), Future()
-    done.set_result(None)
+    running, done = Future(), threading.Event()  # the two signals main() hands over: the VAE + DiT's, the LM's
+    done.set()
 
     def loss():
         return model(torch.ones(1, 2)).square().sum()
     try:
-        train_tiny.fit("lm", args, {"model": model}, loss, vae.PRESETS["tiny"], torch.Generator(), beside=running)
-        assert torch.get_num_threads() == threads  # the VAE still trains beside it: its cores are not free
-        train_tiny.fit("lm", args, {"model": model}, loss, vae.PRESETS["tiny"], torch.Generator(), beside=done)
+        train_tiny.fit("lm", args, {"model": model}, loss, vae.PRESETS["tiny"], torch.Generator(), beside=running.done)
+        assert torch.get_num_threads() == threads  # the other chain still trains beside it: its cores are not free
+        train_tiny.fit("dit", args, {"model": model}, loss, vae.PRESETS["tiny"], torch.Generator(), beside=done.is_set)
         assert torch.get_num_threads() == threads + 1  # done: the stage runs on every core from its next step
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,11 @@
-"""The command line's output files for sample.py: the prompts and each clip's path, checked before any work."""
+"""Output files: sample.py's prompts and each clip's path, checked before any work; train_tiny.py's sample clips."""
 import os
 import tempfile
 from pathlib import Path
+
+import imageio.v2 as imageio
+import torch
+from PIL import Image
 
 
 def outputs(args):
@@ -32,3 +36,12 @@ def outputs(args):
             print(f"note: ffmpeg is not available (pip install imageio-ffmpeg), writing {args.out[:-4]}.gif instead")
             return prompts, [args.out[:-4] + ".gif"]
     return prompts, [args.out]
+
+
+def save_samples(folder, short, long):
+    """uint8 clips (N, T, H, W, 3) -> folder/samples/NN.gif, one per clip, and folder/samples.png, the short ones in a grid."""
+    os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+    for i, clip in enumerate(list(short) + list(long)):
+        imageio.mimsave(os.path.join(folder, "samples", f"{i:02d}.gif"), list(clip.numpy()), duration=125, loop=0)
+    grid = torch.cat([torch.cat(list(c), 1) for c in short], 0).numpy()  # (clips*H, T*W, 3)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(os.path.join(folder, "samples.png"))
