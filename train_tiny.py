@@ -205,8 +205,8 @@ def stage_lm(args, ctx):
     data, cfg, g, (_, n, _) = pools(args, ctx), lm.PRESETS["tiny"], gen(args, 5), PLAN["lm"]
     model, text = lm.SemanticLM(cfg), lm.TextEncoder(cfg, WORDS)
 
-    def loss_fn(g=g, frames=None, data=data):  # 1-segment clips, with 2- and 4-segment streams now and then
-        frames = frames or (17, 17, 17, 17, 17, 17, 25, 41)[torch.randint(8, (), generator=g)]
+    def loss_fn(g=g, frames=None, data=data):  # half the batches 1-segment clips, half 2- and 4-segment streams
+        frames = frames or (17, 17, 17, 17, 25, 25, 41, 41)[torch.randint(8, (), generator=g)]
         idx, v, t = batch(data[frames], n if frames == 17 else n // 2, g, text)
         semantic_frames = torch.full_like(v, 1 + (frames - 1) // 4)  # the `frames` micro-condition
         return lm.lm_loss(model, data[frames]["ids"][idx], t, semantic_frames, v)
