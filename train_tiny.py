@@ -42,8 +42,7 @@ STREAM = 1 / 3  # share of the DiT's and the branch's batches that continue a cl
 WINDOW = diffusion.PRESETS["tiny"]  # WINDOW.frames latent frames, the first WINDOW.prefix clean when streaming
 STRIDE = WINDOW.frames - WINDOW.prefix  # latent (= semantic) frames from one window to the next: 2 (8 RGB frames)
 SAVE_EVERY = 30  # seconds between checkpoints of a running stage
-WORDS = lm.TextEncoder.build_vocab(t.format(color=c, shape=s, direction=d)  # the text encoders': the seen captions' words
-                                   for t in world.TEMPLATES for c, s, d in world.SPLITS["seen"])
+WORDS = lm.TextEncoder.build_vocab(t.format(color=c, shape=s, direction=d) for t in world.TEMPLATES for c, s, d in world.SPLITS["seen"])
 
 
 # ---------------------------------------------------------------------------- training loop, data
@@ -231,6 +230,8 @@ def stage_dit(args, ctx):
 
 
 def stage_control(args, ctx):
+    if ctx["text_dit"] is None:  # a dit.pt written before the DiT read a text encoder of its own
+        raise SystemExit(f"error: {os.path.join(args.out, 'dit.pt')} has no text encoder of its own; re-train it with --stage dit")
     data, g, (_, n, _) = pools(args, ctx, "train", True), gen(args, 7), PLAN["control"]
     dit, net = ctx["dit"].requires_grad_(False), diffusion.ControlNet.from_dit(ctx["dit"]).train()  # the base stays frozen (paper §3.3)
 
@@ -323,8 +324,7 @@ def main(argv=None):
             beside = pool.submit(vae_dit_process, args, max(1, args.threads // 2), lm_done)
             ctx["beside"] = beside.done
             torch.set_num_threads(max(1, args.threads // 2))
-            for name in ("tokenizer", "lm"):
-                report[name] = run_stage(name, args, ctx)
+            report.update({name: run_stage(name, args, ctx) for name in ("tokenizer", "lm")})
             lm_done.set()
             vae_dit, lat = beside.result()  # (a failure in the other process raises here)
             torch.set_num_threads(args.threads)

@@ -58,6 +58,11 @@ def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
         torch.testing.assert_close(data[f]["rec"][3], ctx["tok"].decode(data[f]["ids"][3].view(-1, ctx["tok"].cfg.n_tokens)))
     x0, _, sem, prefix = train_tiny.window_batch(dict(ctx, text_dit=p.text_dit), data, 4, torch.Generator().manual_seed(0), stream=True)
     assert prefix == p.dit.cfg.prefix and x0.shape[2] == p.dit.cfg.frames and sem.shape[1] == ctx["tok"].cfg.frames
+    ck = torch.load(os.path.join(out, "dit.pt"), weights_only=True)  # a dit.pt from before the DiT had its own encoder
+    del ck["text"]
+    torch.save(ck, os.path.join(out, "dit.pt"))
+    with pytest.raises(SystemExit, match="no text encoder of its own; re-train it with --stage dit"):
+        train_tiny.main(["--out", out, "--stage", "control", "--steps", "2"])
 
 
 @pytest.mark.uses("causal_conv")
