@@ -76,6 +76,9 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
     def modules(self):
         return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
 
+    def dit_text_encoder(self):  # the DiT's own; the LM's for tiny checkpoints written before the DiT had one
+        return self.text if self.text_dit is None else self.text_dit
+
 
 def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAGES)):
     """Load the stages' checkpoints from ckpt_dir (the LM's and the DiT's files also hold their text encoders)."""
@@ -155,7 +158,7 @@ def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0,
     stage = functools.partial(run_stage, p.offload, device, log)
     # the prompt's encodings: one conditions the LM, the other the DiT (each reads its own, as in the release)
     text = stage("text", [p.text], lambda: p.text(p.text.tokenize(prompts))).to(device, dtype)  # (B, L, D)
-    dit_encoder = p.text if p.text_dit is None else p.text_dit
+    dit_encoder = p.dit_text_encoder()
     text_dit = stage("text_dit", [dit_encoder], lambda: dit_encoder(dit_encoder.tokenize(prompts))).to(device, dtype)
     lm_args = dict(text=text, frames=1 + (frames - 1) // p.vae.cfg.temporal_factor, motion=motion, guidance=guidance_lm,
                    temperature=temperature, top_k=top_k, generator=lm_generator)  # frames: semantic ones

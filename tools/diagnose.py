@@ -123,7 +123,7 @@ def main(argv=None):
     for name, feats in (("features", features), ("tokenizer", reconstructed), ("LM", p.tok.decode(lm_ids))):
         report(name, judge_semantic(features_to_frames(feats, patch_features), specs, stride), specs)
     report("VAE", judge_video(to_uint8(p.vae.decode(p.vae.encode(x)[0])), specs), specs)
-    dit_encoder = p.text if p.text_dit is None else p.text_dit  # the DiT's own, as in sample.generate_video
+    dit_encoder = p.dit_text_encoder()  # as sample.generate_video conditions the DiT
     latents = sample.denoise(p, dit_encoder(dit_encoder.tokenize(prompts)), lambda k, so_far: reconstructed, windows=1, steps=args.steps,
                              guidance=2.0, generator=torch.Generator().manual_seed(args.seed), progress=None)  # sample.py's
     report("clip's tokens", judge_video(to_uint8(p.vae.decode(latents / p.vae.cfg.scale_factor)), specs), specs)
