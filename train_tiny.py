@@ -34,14 +34,14 @@ import world
 from tools.outputs import save_samples  # (GIF and PNG files: nothing to teach)
 
 # (steps, clips per batch, peak learning rate) per stage; how they were chosen: docs/EXPERIMENTS.md
-PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 16, 1.5e-3), lm=(2300, 16, 2e-3), dit=(2200, 16, 8e-3),
-            control=(500, 16, 8e-3))
+PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(800, 16, 1.5e-3), lm=(2300, 16, 2e-3), dit=(2200, 16, 8e-3), control=(500, 16, 8e-3))
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae"], control=["vae", "tokenizer", "dit"])
 POOL = {17: 6000, 25: 900, 41: 500}  # frames -> training clips (speeds over the whole range), one set for all stages
 STREAM = 1 / 3  # share of the DiT's and the branch's batches that continue a clean prefix
 WINDOW = diffusion.PRESETS["tiny"]  # WINDOW.frames latent frames, the first WINDOW.prefix clean when streaming
 STRIDE = WINDOW.frames - WINDOW.prefix  # latent (= semantic) frames from one window to the next: 2 (8 RGB frames)
 SAVE_EVERY = 30  # seconds between checkpoints of a running stage
+CHUNK = 16  # clips per forward pass when encoding the pools: a small batch's activations stay in the CPU's cache
 WORDS = lm.TextEncoder.build_vocab(t.format(color=c, shape=s, direction=d) for t in world.TEMPLATES for c, s, d in world.SPLITS["seen"])
 
 
@@ -113,11 +113,11 @@ def batch(pool, n, g, text):  # n random clips of a pool: indices, speeds, capti
 
 @torch.no_grad()
 def encode(ctx, specs, what):
-    """Clips, 250 at a time -> "lat": VAE latents x scale (N, C, T_lat, h, w), or "ids": the LM's stream,
+    """Clips, CHUNK at a time -> "lat": VAE latents x scale (N, C, T_lat, h, w), or "ids": the LM's stream,
     each diffusion window's token ids (N, K * n_tokens); window k covers semantic frames [k·STRIDE, +frames)."""
     out = []
-    for i in range(0, len(specs), 250):
-        x = clips(specs[i:i + 250])
+    for i in range(0, len(specs), CHUNK):
+        x = clips(specs[i:i + CHUNK])
         if what == "lat":
             out.append(ctx["vae"].encode(x)[0] * ctx["vae"].cfg.scale_factor)
             continue
@@ -139,7 +139,7 @@ def pools(args, ctx, split="train", lat=None):
     if ctx.get("tok") is not None and "ids" not in ctx[split][17]:
         for d in ctx[split].values():
             d["ids"] = encode(ctx, d["specs"], "ids")
-            rec = [ctx["tok"].decode(b.reshape(-1, ctx["tok"].cfg.n_tokens)).unflatten(0, (len(b), -1)) for b in d["ids"].split(250)]
+            rec = [ctx["tok"].decode(b.reshape(-1, ctx["tok"].cfg.n_tokens)).unflatten(0, (len(b), -1)) for b in d["ids"].split(CHUNK)]
             d["rec"] = torch.cat(rec)
         print(f"{split:>9}: {' + '.join(str(len(d['specs'])) for d in ctx[split].values())} clips tokenized")
     if lat is not None and "lat" not in ctx[split][17]:
