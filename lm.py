@@ -22,11 +22,11 @@ Differences from the release, on purpose:
   padded positions (zero vectors) go through the text MLP like the rest (a learned "pad" vector).
 - Micro-conditions are mapped from their allowed range onto [0, 1000] before the sinusoidal
   features (SemanticLM.micro_embed); the release embeds the raw values (micro_raw=True, to load it).
+  CFG's null row reads null_motion (tiny: the world's mean speed, so guidance pushes toward the speed asked; release: its own).
 - The tiny preset also embeds and scores each code by its FSQ digits (code_levels, code_digits): a
   1,000-row table alone learns too slowly from a few thousand clips (docs/DESIGN.md §4).
-- q, k, v and the MLP's two input matrices are fused into one matmul each (speed). Rows map one to
-  one onto transformers' LlamaForCausalLM (q/k rows permuted: we turn adjacent channel pairs,
-  Llama turns halves); apart from our final LayerNorm it is the same network.
+- q, k, v and the MLP's two input matrices are fused into one matmul each (speed). Rows map one to one onto
+  transformers' LlamaForCausalLM (q/k rows permuted: we turn channel pairs, Llama halves); but for our final LayerNorm, the same.
 - No EOS prediction when sampling (n_segments sets the length), no teacher forcing, no motion-score
   head, no chunked cross-entropy, no autocast inside the module. The tiny preset has its own
   word-level TextEncoder, trained with the LM (release: frozen Flan-T5-XXL, which release.py loads).
@@ -67,6 +67,7 @@ class LMConfig:
     frames_max: int = 32  # micro-condition `frames` (semantic frames of the clip) must lie in [1, frames_max]
     motion_max: float = 2.0  # micro-condition `motion` (motion score) must lie in [0, motion_max]
     micro_raw: bool = False  # embed the raw micro-condition values, as the release (its weights expect them)
+    null_motion: float = 0.875  # CFG's null row: null text at this motion score; tiny: the middle of world.py's [0.5, 1.25]
     # the tiny word-level TextEncoder (its width is text_dim)
     text_depth: int = 2
     text_heads: int = 4
@@ -87,6 +88,8 @@ class LMConfig:
         if not 0.0 <= self.p_uncond < 1.0 or self.frames_max < 1 or self.motion_max <= 0:
             raise ValueError(f"p_uncond must be in [0, 1), frames_max >= 1 and motion_max > 0, got {self.p_uncond}, "
                              f"{self.frames_max}, {self.motion_max}")
+        if self.null_motion is not None and not 0.0 <= self.null_motion <= self.motion_max:
+            raise ValueError(f"null_motion must be None or in [0, motion_max = {self.motion_max}], got {self.null_motion}")
 
     @property
     def vocab_size(self):
@@ -109,7 +112,7 @@ PRESETS = {
     "tiny": LMConfig(),  # SemanticLM 1,446,528 params; TextEncoder 328,320 + 128 per vocabulary word
     "full": LMConfig(codebook_size=2048, n_i=330, n_p=74, frames=13, width=2048, depth=24, heads=16, mlp=11008,
                      text_dim=4096, text_len=512, micro_hidden=512, code_levels=(),  # the release's plain table
-                     frames_max=128, motion_max=10.0),  # limits: ours
+                     frames_max=128, motion_max=10.0, null_motion=None),  # limits: ours; CFG's null row as the release's
     # SemanticLM 2,049,321,984 params (docs/DESIGN.md §4: 2.05 B); the text comes from T5-XXL, not included
 }
 
@@ -263,8 +266,7 @@ class TextEncoder(nn.Module):
 
     def initialize_weights(self):
         _normal_init(self)  # as the LM's, then:
-        # Word embeddings at unit scale, not 0.02: at 0.02 the blocks' output swamps the words, the first to pay
-        # off (colours) are kept and later ones (directions) can be dropped for good.
+        # Word embeddings at unit scale, not 0.02: at 0.02 the blocks' output swamps the words; directions get dropped
         nn.init.normal_(self.embed.weight, std=1.0)
 
     @staticmethod
@@ -272,8 +274,7 @@ class TextEncoder(nn.Module):
         return re.findall(r"[a-z0-9]+", prompt.lower())
 
     @staticmethod
-    def build_vocab(captions):
-        """The sorted set of words in the training captions."""
+    def build_vocab(captions):  # the sorted set of words in the training captions
         return sorted({w for c in captions for w in TextEncoder.split(c)})
 
     def get_extra_state(self):
@@ -466,9 +467,9 @@ def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperatur
 
     Prefill the prefix and prefix_codes (the stream so far: earlier segments, perhaps the first `started` codes
     of the next), then one id per step: structure tokens forced where the layout puts them, codebook ids drawn
-    elsewhere. guidance != 1 runs conditional and null-text rows in one batch; temperature 0 is greedy.
-    use_cache=False recomputes the whole sequence every step (a check: same tokens for the same generator).
-    progress(i, n) is called after step i of n."""
+    elsewhere (greedy at temperature 0). guidance != 1 runs conditional and null-text rows (at cfg.null_motion if
+    set) in one batch. use_cache=False recomputes the whole sequence every step (a check: same tokens for the
+    same generator); progress(i, n) is called after step i of n."""
     cfg = model.cfg
     B = text.shape[0]
     device = text.device
@@ -483,7 +484,8 @@ def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperatur
     copies = 1 if guidance == 1.0 else 2  # CFG: each row twice, the second with the null text
     x = model.prefix(text, frames, motion)  # (B, P, W)
     if copies == 2:
-        x = torch.cat([x, model.prefix(text, frames, motion, torch.zeros(B, dtype=torch.bool, device=device))])
+        null_motion = motion if cfg.null_motion is None else cfg.null_motion
+        x = torch.cat([x, model.prefix(text, frames, null_motion, torch.zeros(B, dtype=torch.bool, device=device))])
     x = torch.cat([x, model.embed_ids(seq[:, :known].repeat(copies, 1))], dim=1)  # (copies * B, P + known, W)
     start = x.shape[1]
     cache = model.new_cache(x.shape[0], start + len(plan) - known) if use_cache else None
@@ -505,8 +507,7 @@ def generate(model, text, frames, motion, n_segments=1, guidance=1.0, temperatur
 
 
 # ---------------------------------------------------------------------------- checks
-def _per_sample(v, name, B, device):
-    """A number or a (B,) tensor -> (B,) tensor."""
+def _per_sample(v, name, B, device):  # a number or a (B,) tensor -> (B,) tensor
     v = torch.as_tensor(v, device=device)
     if v.shape not in ((), (B,)):
         raise ValueError(f"{name} must be a number or a ({B},) tensor (one per sample), got shape {tuple(v.shape)}")
@@ -524,8 +525,7 @@ def _check_codes(cfg, codes, what, whole=True):
     return codes.shape[1] // per_segment
 
 
-def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes):
-    """generate's arguments -> the number of codes in prefix_codes."""
+def _check_sampling(cfg, B, n_segments, guidance, temperature, top_k, top_p, prefix_codes):  # -> codes in prefix_codes
     if not (isinstance(n_segments, int) and n_segments >= 1):
         raise ValueError(f"n_segments must be an int >= 1, got {n_segments!r}")
     if temperature < 0 or guidance < 0:

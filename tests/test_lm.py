@@ -88,15 +88,18 @@ def _greedy(m, text, frames, motion, keep):
 @pytest.mark.exercise("lm_sampling", points=3)
 @pytest.mark.uses("kv_cache", "lm_sequence", "rope")
 def test_cfg_rows():
-    """Scale 1 is the conditional model; scale 0 the unconditional (null-text) one; a scale just above 1
-    runs both rows in one batch and still equals the conditional model."""
-    m = _model()
+    """Scale 1 is the conditional model; scale 0 the unconditional one (null text at cfg.null_motion, or with
+    None, as the release, at each row's own motion); a scale just above 1 runs both rows and equals the first."""
     text, frames, motion = _inputs()
-    cond = _greedy(m, text, frames, motion, None)
-    uncond = _greedy(m, text, frames, motion, torch.zeros(2, dtype=torch.bool))
-    assert not torch.equal(cond, uncond)
-    for scale, want in ((1.0, cond), (1.0 + 1e-6, cond), (0.0, uncond)):
-        assert torch.equal(generate(m, text, frames, motion, guidance=scale, temperature=0.0), want), scale
+    null_text = torch.zeros(2, dtype=torch.bool)
+    for null_motion in (CFG.null_motion, None):
+        m = _model(dataclasses.replace(CFG, null_motion=null_motion))  # the same weights either way
+        cond = _greedy(m, text, frames, motion, None)
+        uncond = _greedy(m, text, frames, motion if null_motion is None else null_motion, null_text)
+        assert not torch.equal(cond, uncond)
+        for scale, want in ((1.0, cond), (1.0 + 1e-6, cond), (0.0, uncond)):
+            assert torch.equal(generate(m, text, frames, motion, guidance=scale, temperature=0.0), want), scale
+    assert not torch.equal(uncond, _greedy(m, text, frames, CFG.null_motion, null_text))  # the two null rows differ
 
 
 @pytest.mark.parametrize("n_segments", [1, 2])
@@ -264,7 +267,8 @@ def test_bad_input():
         with pytest.raises(ValueError, match=msg):
             generate(m, text, frames, motion, **kw)
     for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond"),
-                    (dict(code_levels=(8, 5, 5)), "must multiply to codebook_size 1000")):
+                    (dict(code_levels=(8, 5, 5)), "must multiply to codebook_size 1000"),
+                    (dict(null_motion=2.5), r"null_motion must be None or in \[0, motion_max = 2.0\]")):
         with pytest.raises(ValueError, match=msg):
             LMConfig(**kw)
     with pytest.raises(KeyError):
