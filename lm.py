@@ -67,7 +67,7 @@ class LMConfig:
     frames_max: int = 32  # micro-condition `frames` (semantic frames of the clip) must lie in [1, frames_max]
     motion_max: float = 2.0  # micro-condition `motion` (motion score) must lie in [0, motion_max]
     micro_raw: bool = False  # embed the raw micro-condition values, as the release (its weights expect them)
-    null_motion: float = 0.875  # CFG's null row: null text at this motion score; tiny: the middle of world.py's [0.5, 1.25]
+    null_motion: float | None = 0.875  # CFG's null row: null text at this motion; tiny: the middle of world.py's [0.5, 1.25]
     # the tiny word-level TextEncoder (its width is text_dim)
     text_depth: int = 2
     text_heads: int = 4
