@@ -146,7 +146,7 @@ def clip_windows(p, frames=None):
 
 @torch.no_grad()
 def generate_video(p, prompts, frames=None, motion=1.0, seed=0, guidance_lm=3.0, guidance_dit=2.0, steps=25,
-                   temperature=1.0, top_k=None, baseline=False, progress=None, log=None):
+                   temperature=0.6, top_k=None, baseline=False, progress=None, log=None):
     """prompts (B,) -> uint8 video (B, T, H, W, 3) in the paper's four steps; baseline=True: the base DiT alone
     from text (the paper's comparison). progress(name, i, n) moves a bar; log(line) gets each stage's report."""
     device = torch.device(p.device) if p.device is not None else next(p.dit.parameters()).device
@@ -279,7 +279,7 @@ def main(argv=None):
     ap.add_argument("--guidance-lm", "--cfg-lm", type=float, default=3.0, help="classifier-free guidance scale of the LM")
     ap.add_argument("--guidance-dit", "--cfg-dit", type=float, default=2.0, help="classifier-free guidance scale of the DiT")
     ap.add_argument("--steps", type=int, default=25, help="Euler steps per diffusion window")
-    ap.add_argument("--temperature", type=float, default=1.0, help="LM sampling temperature (0: greedy)")
+    ap.add_argument("--temperature", type=float, default=0.6, help="LM sampling temperature (0: greedy; 1: the release)")
     ap.add_argument("--top-k", type=int, help="LM: sample among the k likeliest codes")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, mps, cpu")
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="auto: bf16 on CUDA, else fp32")
