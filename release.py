@@ -55,7 +55,7 @@ FILES = {  # stage -> (file inside the release folder, where its tensors sit)
 T5_DIT = "CogVideoX-2b-sat/t5-v1_1-xxl"  # the DiT's text encoder, in the release
 T5_LM = "flan-t5-xxl"  # the LM's (google/flan-t5-xxl), fetched by hand into the release folder
 CONFIG_FILE = "minimal-landiff.json"  # optional: config fields per stage, for a smaller folder (the tests' tiny one)
-SAMPLER_DEFAULTS = dict(steps=50, guidance_dit=6.0, guidance_lm=7.5, motion_score=0.1)  # the release's, for sample.py
+SAMPLER_DEFAULTS = dict(steps=50, guidance_dit=6.0, guidance_lm=7.5, motion_score=0.1, temperature=1.0)  # the release's, for sample.py
 CONTROL = "model.control_model.diffusion_model."  # the SAT engine's prefixes of the two diffusion files
 DIT = "model.diffusion_model."
 # A DeepSpeed model-states pickle holds tensors and plain containers, and a SAT save can add its
@@ -576,7 +576,7 @@ def parse_args(ap, argv=None):
     """sample.py's arguments plus --weights DIR; with it, the full preset and the release's sampler defaults
     (SAMPLER_DEFAULTS) wherever the command line sets none."""
     ap.add_argument("--weights", metavar="DIR", help="the released LanDiff weights (release.py): full size, the "
-                    "release's defaults (50 steps, guidance 7.5 LM / 6 DiT, motion 0.1)")
+                    "release's defaults (50 steps, guidance 7.5 LM / 6 DiT, motion 0.1, temperature 1)")
     args = ap.parse_args(argv)
     if args.weights:
         ap.set_defaults(preset="full", **SAMPLER_DEFAULTS)
