@@ -51,7 +51,7 @@ def test_smoke_run_every_stage_then_evaluate(tmp_path, capsys):
     assert (others != data[17]["ids"][3]).any(1).all()  # clip 3, checked below, has tokens of its own
     for f in train_tiny.POOL:
         x = train_tiny.clips(data[f]["specs"][3:4])  # one clip, on its own
-        # 1e-4: a batch of CHUNK clips and one clip alone take different convolution kernels (other summation
+        # 1e-4: the pool encoded in a batch and one clip alone take different convolution kernels (other summation
         # orders, ~1e-5 apart in fp32); another clip's latents would differ by O(1)
         torch.testing.assert_close(lat[f][3:4], ctx["vae"].encode(x)[0] * ctx["vae"].cfg.scale_factor, atol=1e-4, rtol=1e-4)
         ids = train_tiny.encode(ctx, data[f]["specs"][3:4], "ids")
