@@ -171,7 +171,7 @@ def stage_vae(args, ctx):
         x = clips(world.draw_clips(n, g, 5))
         near = F.max_pool3d((x.amax(1, keepdim=True) > -1).float(), (1, 5, 5), 1, (0, 2, 2))  # object + 2 px
         return vae.vae_loss(model, x, weight=1 + 9 * near, l1_weight=1.0)
-    specs = world.draw_clips(64, gen(args, 101))
+    specs = world.draw_clips(8 if args.steps else 64, gen(args, 101))  # the check's clips and the latent scale's; 8: a quick look
     x = clips(specs)
 
     def scale():  # latents x scale have unit std, the scale the DiT expects (LDM); kept in the checkpoint
@@ -193,7 +193,7 @@ def stage_tokenizer(args, ctx):
     fit("tokenizer", args, {"model": model}, lambda: tokenizer.tokenizer_loss(model, feats(clips(world.draw_clips(n, g)))), cfg, g)
     ctx["tok"] = model.eval().requires_grad_(False)
     with torch.no_grad():
-        f = feats(clips(world.draw_clips(256, gen(args, 102))))
+        f = feats(clips(world.draw_clips(32 if args.steps else 256, gen(args, 102))))  # 32 under --steps: a quick look
         loss = tokenizer.tokenizer_loss(model, f)
         ids = model.encode(f)
     used, perplexity = tokenizer.codebook_usage(ids, cfg.codebook_size)
@@ -308,7 +308,7 @@ def main(argv=None):
     ap.add_argument("--stage", choices=list(PLAN) + ["eval"], help="run one stage (earlier ones must exist)")
     ap.add_argument("--resume", action="store_true", help="skip finished stages, continue an interrupted one")
     ap.add_argument("--seed", type=int, help="default 0; with --stage eval or --resume, the seed --out was trained with")
-    ap.add_argument("--steps", type=int, default=0, help="cap every stage at this many steps (quick looks, tests)")
+    ap.add_argument("--steps", type=int, default=0, help="cap every stage at this many steps; data and checks shrink (quick looks, tests)")
     ap.add_argument("--eval-clips", type=int, default=2, help="eval clips per seen combination (see evaluate)")
     ap.add_argument("--euler-steps", type=int, default=6, help="denoising steps per eval clip")
     args = ap.parse_args(argv)
