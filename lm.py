@@ -18,8 +18,7 @@ References: LanDiff (arXiv 2503.04606); Llama (arXiv 2302.13971): RMSNorm (1910.
 RoPE (2104.09864); GELU (1606.08415); CFG (2207.12598); top-p (1904.09751); micro-conditions as DiT's t (2212.09748).
 
 Differences from the release, on purpose:
-- Fixed-length batches, not packed variable-length sequences: the text always takes L slots;
-  padded positions (zero vectors) go through the text MLP like the rest (a learned "pad" vector).
+- Fixed-length batches, not packed sequences: the text always takes L slots, the padding (zero vectors) through its MLP too.
 - Micro-conditions are mapped from their allowed range onto [0, 1000] before the sinusoidal
   features (SemanticLM.micro_embed); the release embeds the raw values (micro_raw=True, to load it).
   CFG's null row reads null_motion (tiny: the world's mean speed, so guidance pushes toward the speed asked; release: its own).
@@ -58,6 +57,7 @@ class LMConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     attn_impl: str = "sdpa"  # "sdpa" | "manual"
+    gelu: str = "none"  # the MLPs' GELU: "tanh" (the release's form) or "none" (exact: within 5e-4 of it, a faster CPU kernel)
     # conditioning
     text_dim: int = 128  # width of the text features (tiny: TextEncoder's width; full: T5-XXL's)
     text_len: int = 8  # most text tokens per prompt
@@ -74,8 +74,8 @@ class LMConfig:
     text_mlp: int = 256
 
     def __post_init__(self):
-        if self.attn_impl not in ("sdpa", "manual"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'manual', got {self.attn_impl!r}")
+        if self.attn_impl not in ("sdpa", "manual") or self.gelu not in ("none", "tanh"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'manual' and gelu 'none' or 'tanh', got {self.attn_impl!r}, {self.gelu!r}")
         for w, h in (("width", "heads"), ("text_dim", "text_heads")):
             if getattr(self, w) % getattr(self, h) or (getattr(self, w) // getattr(self, h)) % 2:
                 raise ValueError(f"{h} must split {w} into heads of even size (RoPE turns channel pairs), "
@@ -112,7 +112,7 @@ PRESETS = {
     "tiny": LMConfig(),  # SemanticLM 1,446,528 params; TextEncoder 328,320 + 128 per vocabulary word
     "full": LMConfig(codebook_size=2048, n_i=330, n_p=74, frames=13, width=2048, depth=24, heads=16, mlp=11008,
                      text_dim=4096, text_len=512, micro_hidden=512, code_levels=(),  # the release's plain table
-                     frames_max=128, motion_max=10.0, null_motion=None),  # limits: ours; CFG's null row as the release's
+                     frames_max=128, motion_max=10.0, null_motion=None, gelu="tanh"),  # limits: ours; the rest as the release
     # SemanticLM 2,049,321,984 params (docs/DESIGN.md §4: 2.05 B); the text comes from T5-XXL, not included
 }
 
@@ -188,13 +188,13 @@ class RMSNorm(nn.Module):
 class Block(nn.Module):
     """Llama block: x + Attn(RMSNorm(x)), then x + W2(gelu(W1 h) * W3 h) with h = RMSNorm(x); no biases.
 
-    cache (2, B, H, N_max, D): this block's keys and values; the new ones are written at positions
-    start..start+N-1 and the queries attend to every position before start+N."""
+    cache (2, B, H, N_max, D): its keys and values; new ones go to start..start+N-1, queries see positions < start+N."""
 
-    def __init__(self, width, heads, mlp, eps, attn_impl):
+    def __init__(self, width, heads, mlp, eps, attn_impl, gelu):
         super().__init__()
         self.heads = heads
         self.attn_impl = attn_impl
+        self.gelu = gelu
         self.norm1 = RMSNorm(width, eps)
         self.qkv = nn.Linear(width, 3 * width, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(width, width, bias=False)
@@ -217,7 +217,7 @@ class Block(nn.Module):
         a = attention(q, k, v, mask, self.attn_impl)  # (B, H, N, D)
         x = x + self.proj(a.transpose(1, 2).reshape(B, N, W))  # heads back side by side: (B, N, W)
         gate, up = self.w13(self.norm2(x)).chunk(2, dim=-1)  # (B, N, mlp) each
-        return x + self.w2(F.gelu(gate, approximate="tanh") * up)
+        return x + self.w2(F.gelu(gate, approximate=self.gelu) * up)
 
 
 def _rope_table(n, head_dim, theta, device):
@@ -259,7 +259,7 @@ class TextEncoder(nn.Module):
         self.cfg = cfg
         self.set_extra_state(list(words))
         self.embed = nn.Embedding(len(self.words) + 2, cfg.text_dim)
-        self.blocks = nn.ModuleList(Block(cfg.text_dim, cfg.text_heads, cfg.text_mlp, cfg.norm_eps, cfg.attn_impl)
+        self.blocks = nn.ModuleList(Block(cfg.text_dim, cfg.text_heads, cfg.text_mlp, cfg.norm_eps, cfg.attn_impl, cfg.gelu)
                                     for _ in range(cfg.text_depth))
         self.norm = RMSNorm(cfg.text_dim, cfg.norm_eps)
         self.initialize_weights()
@@ -323,12 +323,12 @@ class SemanticLM(nn.Module):
         self.cfg = cfg
         W = cfg.width
         self.embed = nn.Embedding(cfg.vocab_size, W)
-        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.GELU(approximate="tanh"), nn.Linear(W, W))
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.GELU(approximate=cfg.gelu), nn.Linear(W, W))
         # CFG's unconditional text: a learned null vector in every projected text slot, as the release (DESIGN §4)
         self.null_text = nn.Parameter(torch.empty(W))
         self.micro = nn.ModuleDict({k: nn.Sequential(nn.Linear(cfg.micro_dim, cfg.micro_hidden), nn.SiLU(),
                                                      nn.Linear(cfg.micro_hidden, W)) for k in ("frames", "motion")})
-        self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp, cfg.norm_eps, cfg.attn_impl) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp, cfg.norm_eps, cfg.attn_impl, cfg.gelu) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W)
         self.head = nn.Linear(W, cfg.vocab_size, bias=False)
         self.register_buffer("digits", code_digits(cfg) if cfg.code_levels else None, persistent=False)  # (V, D_dig)

@@ -83,6 +83,8 @@ class Pipeline:  # the trained stages; a field is None when load_pipeline was as
 def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAGES)):
     """Load the stages' checkpoints from ckpt_dir (the LM's and the DiT's files also hold their text encoders)."""
     cks = {s: load_checkpoint(os.path.join(ckpt_dir, f"{s}.pt"), s) for s in stages}
+    for s in {"lm", "dit", "control"} & cks.keys():  # written before the MLPs' GELU form was a setting: the release's tanh
+        cks[s]["config"].setdefault("gelu", "tanh")
     mods = {s: STAGES[s][1](STAGES[s][0](**ck["config"])) for s, ck in cks.items()}  # module(config(...))
     for s, ck in cks.items():
         try:
@@ -96,7 +98,7 @@ def load_pipeline(ckpt_dir, device="cpu", dtype=torch.float32, stages=tuple(STAG
     elif "lm" in cks:  # full: T5 is not part of our checkpoints
         mods["text"] = release.StandInText(mods["lm"].cfg.text_dim, cks.get("dit", cks["lm"])["config"]["text_len"])
     if "dit" in cks and "text" in cks["dit"]:  # tiny: the DiT's own word-level encoder (frozen, kept with it)
-        mods["text_dit"] = lm.TextEncoder(lm.PRESETS["tiny"], cks["dit"]["text"]["_extra_state"])
+        mods["text_dit"] = lm.TextEncoder(replace(lm.PRESETS["tiny"], gelu=cks["dit"]["config"]["gelu"]), cks["dit"]["text"]["_extra_state"])
         mods["text_dit"].load_state_dict(cks["dit"]["text"])
     if "tokenizer" in mods:  # the tokenizer's own frozen features, to re-encode generated frames
         mods["features"] = tokenizer.FrozenPatchFeatures(mods["tokenizer"].cfg)

@@ -215,6 +215,7 @@ def test_bad_input_says_what_fits():
         lambda: fm_loss(dit, x, text, prefix=CFG.frames),
         lambda: dataclasses.replace(CFG, prefix=5),
         lambda: dataclasses.replace(CFG, attn_impl="flash"),
+        lambda: dataclasses.replace(CFG, gelu="exact"),  # "none" (exact) or "tanh", as F.gelu names them
     ]
     for f in bad:
         with pytest.raises(ValueError):

@@ -266,7 +266,7 @@ def test_bad_input():
                     (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p")):
         with pytest.raises(ValueError, match=msg):
             generate(m, text, frames, motion, **kw)
-    for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond"),
+    for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(gelu="exact"), "gelu 'none' or 'tanh'"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond"),
                     (dict(code_levels=(8, 5, 5)), "must multiply to codebook_size 1000"),
                     (dict(null_motion=2.5), r"null_motion must be None or in \[0, motion_max = 2.0\]")):
         with pytest.raises(ValueError, match=msg):
@@ -303,6 +303,7 @@ def test_presets():
     assert (full.vocab_size, full.tokens_per_segment, full.width, full.depth, full.heads, full.mlp) == \
         (2055, 1218, 2048, 24, 16, 11008)
     assert [getattr(full, s) for s in SPECIALS] == list(range(2048, 2055))
+    assert full.gelu == "tanh"  # the release's form, which its weights were trained with (tiny: the exact one)
     with torch.device("meta"):
         n = sum(p.numel() for p in SemanticLM(full).parameters())
     assert abs(n / 2_049_321_984 - 1) < 0.01, n

@@ -248,3 +248,15 @@ def test_full_dry_run_counts_every_stage_on_meta(capsys):
                   (2, c.latent_ch, c.frames, c.lat_h, c.lat_w), (1, 3, 49, t.image_h, t.image_w)]:
         assert str(shape) in out, shape
     assert "stage offload" in out and "no offload" in out
+
+
+def test_a_checkpoint_from_before_the_gelu_setting_keeps_the_tanh_form(ckpt, tmp_path):
+    """Checkpoints written before the MLPs' GELU form was a setting ran the release's tanh form: they must load
+    with it, not with the tiny preset's exact GELU; new checkpoints keep the form they were trained with."""
+    for s in sample.STAGES:
+        ck = torch.load(ckpt / f"{s}.pt", weights_only=True)
+        ck["config"].pop("gelu", None)
+        torch.save(ck, tmp_path / f"{s}.pt")
+    old, new = sample.load_pipeline(str(tmp_path)), sample.load_pipeline(str(ckpt))
+    assert (old.lm.cfg.gelu, old.dit.cfg.gelu, old.control.cfg.gelu) == ("tanh",) * 3
+    assert (new.lm.cfg.gelu, new.dit.cfg.gelu, new.control.cfg.gelu) == ("none",) * 3

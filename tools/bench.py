@@ -199,7 +199,7 @@ def llama_from(model):
 def bench_lm(a, s):
     n = s["new"]  # ids per generate: n - 1 codes, then the forced [EOI]
     cfg = lm.LMConfig(codebook_size=2048, n_i=n - 1, n_p=1, frames=1, width=s["width"], depth=s["depth"],
-                      heads=s["heads"], mlp=s["mlp"], text_len=s["prompt"] - 4, code_levels=())  # prefix = text_len + 4; Llama's table
+                      heads=s["heads"], mlp=s["mlp"], text_len=s["prompt"] - 4, code_levels=(), gelu="tanh")  # prefix = text_len + 4; Llama's table
     row = Row(f"lm decode {n} tok", per="tok/s", count=n)
     model = lm.SemanticLM(cfg).eval()
     for p in model.parameters():  # x1.5: an N(0, 0.02) net's top logits are near ties; make greedy decisive
@@ -253,7 +253,7 @@ def dit_key_map(cfg):
 def bench_dit(a, s):
     cfg = replace(diffusion.PRESETS["tiny"], latent_ch=16, frames=s["frames"], lat_h=s["lat"], lat_w=s["lat"], patch=2,
                   width=s["width"], depth=s["depth"], heads=s["heads"], mlp=s["mlp"], text_dim=s["text_dim"],
-                  text_len=s["text_len"], time_dim=s["time_dim"])
+                  text_len=s["text_len"], time_dim=s["time_dim"], gelu="tanh")  # CogVideoX's GELU form
     B = s["batch"]
     row = Row("dit forward")
     x = torch.randn(B, cfg.latent_ch, cfg.frames, cfg.lat_h, cfg.lat_w)  # (B, C, T, H, W)
