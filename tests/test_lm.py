@@ -266,7 +266,8 @@ def test_bad_input():
                     (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p")):
         with pytest.raises(ValueError, match=msg):
             generate(m, text, frames, motion, **kw)
-    for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(gelu="exact"), "gelu 'none' or 'tanh'"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond"),
+    for kw, msg in ((dict(attn_impl="flash"), "attn_impl"), (dict(heads=3), "heads"), (dict(p_uncond=1.0), "p_uncond"),
+                    (dict(gelu="exact"), "gelu 'none' or 'tanh'"),
                     (dict(code_levels=(8, 5, 5)), "must multiply to codebook_size 1000"),
                     (dict(null_motion=2.5), r"null_motion must be None or in \[0, motion_max = 2.0\]")):
         with pytest.raises(ValueError, match=msg):
