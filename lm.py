@@ -46,7 +46,7 @@ class LMConfig:
     # the token stream (tokenizer.py): codebook and the layout of one segment
     codebook_size: int = 1000  # FSQ levels (8, 5, 5, 5)
     code_levels: tuple = (8, 5, 5, 5)  # the tokenizer's FSQ levels: codes embedded and scored by digit too; () = no
-    n_i: int = 16  # codes of the I-group (the segment's first semantic frame)
+    n_i: int = 8  # codes of the I-group (the segment's first semantic frame)
     n_p: int = 4  # codes of each P-group (each later semantic frame)
     frames: int = 5  # semantic frames per segment: one I-group, frames - 1 P-groups
     # the transformer

@@ -66,7 +66,7 @@ class TokenizerConfig:
     heads: int = 4
     mlp: int = 256  # 2·width: a cheaper step, so more of them in the same time (full: 4·width)
     # the token layout and the vocabulary
-    n_i: int = 16  # I-frame queries (group 0)
+    n_i: int = 8  # I-frame queries (group 0): one flat object (colour, shape, place) needs few (full: 330)
     n_p: int = 4  # P-frame queries per later frame (groups 1..frames-1)
     levels: tuple = (8, 5, 5, 5)  # FSQ levels per channel: 8·5·5·5 = 1,000 codes
     quantizer: str = "fsq"  # "fsq" (ours, trained here) | "vq" (the release's codebook, for its weights)
@@ -115,7 +115,7 @@ class TokenizerConfig:
 
 
 PRESETS = {
-    "tiny": TokenizerConfig(),  # 0.64 M params (encoder 0.29 M, decoder 0.35 M); 32 tokens
+    "tiny": TokenizerConfig(),  # 0.64 M params (encoder 0.29 M, decoder 0.35 M); 24 tokens
     # 173.3 M (encoder 85.9 M, decoder 87.4 M) + a 2,048 × 16 codebook; 1,218 tokens. The release holds
     # 174.5 M: its encoder ends in Linear(768, 768) then the VQ's Linear(768, 16), its decoder starts with
     # the VQ's Linear(16, 768) then Linear(768, 768); with nothing between them, each pair is one linear

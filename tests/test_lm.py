@@ -300,7 +300,7 @@ def test_code_digits_read_the_tokenizers_grid():
 
 def test_presets():
     tiny, full = PRESETS["tiny"], PRESETS["full"]
-    assert LMConfig() == tiny and tiny.vocab_size == 1007 and tiny.tokens_per_segment == 16 + 4 * 4
+    assert LMConfig() == tiny and tiny.vocab_size == 1007 and tiny.tokens_per_segment == 8 + 4 * 4
     assert (full.vocab_size, full.tokens_per_segment, full.width, full.depth, full.heads, full.mlp) == \
         (2055, 1218, 2048, 24, 16, 11008)
     assert [getattr(full, s) for s in SPECIALS] == list(range(2048, 2055))
