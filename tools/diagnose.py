@@ -116,7 +116,7 @@ def main(argv=None):
     prompts = world.captions(specs, None, 0)
     motion = torch.tensor([s["v"] for s in specs])
     text = p.text(p.text.tokenize(prompts))
-    lm_ids = lm.generate(p.lm, text, features.shape[1], motion, guidance=3.0,  # sample.py's LM guidance
+    lm_ids = lm.generate(p.lm, text, features.shape[1], motion, guidance=3.0, temperature=0.6,  # sample.py's defaults
                          generator=torch.Generator().manual_seed(args.seed))
     print(f"{len(specs)} seen clips, {video.shape[1]} frames; judged by world.py\n"
           f"{'':<16}{'direction':>11}{'speed':>8}{'on path':>9}{'right':>8}{'strict':>8}   speed at {SPEEDS[0]} / {SPEEDS[1]}")
