@@ -7,7 +7,7 @@ them (2) tokenizer, then the clips' ids, one segment per diffusion window, and (
 given each clip's frames and speed (motion_score). Then (5) ControlNet branch, base frozen, on each window's
 reconstructed features; world.py judges LanDiff beside the base DiT alone (plain text-to-video, same clips).
 
-    python train_tiny.py                          # everything, about 15 minutes on 2 CPU cores
+    python train_tiny.py                          # everything, about 17 minutes on 2 CPU cores
     python train_tiny.py --stage lm --resume      # one stage; --resume continues where it stopped
     python train_tiny.py --stage eval             # judge the checkpoints in --out again, with their --seed
 """
@@ -34,7 +34,7 @@ import world
 from tools.outputs import save_samples  # (GIF and PNG files: nothing to teach)
 
 # (steps, clips per batch, peak learning rate) per stage; how they were chosen: docs/EXPERIMENTS.md
-PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(1200, 16, 1.5e-3), lm=(2300, 16, 1e-3), dit=(2200, 16, 8e-3), control=(1000, 16, 8e-3))
+PLAN = dict(vae=(1800, 6, 6e-3), tokenizer=(1600, 16, 1.5e-3), lm=(2300, 16, 1e-3), dit=(2200, 16, 8e-3), control=(1000, 16, 8e-3))
 NEEDS = dict(vae=[], tokenizer=[], lm=["tokenizer"], dit=["vae"], control=["vae", "tokenizer", "dit"])
 POOL = {17: 6000, 25: 900, 41: 500}  # frames -> training clips (speeds over the whole range), one set for all stages
 STREAM = 1 / 3  # share of the DiT's and the branch's batches that continue a clean prefix
