@@ -12,7 +12,7 @@ shows medians per call. A fast call is looped within a repeat until the repeat l
     dit         diffusion.DiT forward         diffusers CogVideoXTransformer3DModel     output <= 1e-4
     vae         vae.VAE encode + decode       diffusers AutoencoderKLCogVideoX          latents and frames <= 1e-4
     sample      sample.generate_video         -  (one 17-frame tiny clip, wall time)
-    train_tiny  python train_tiny.py          -  (out/tiny/report.json; `python tools/bench.py --only train_tiny` runs it, 15-17 min)
+    train_tiny  python train_tiny.py          -  (out/tiny/report.json; `python tools/bench.py --only train_tiny` runs it, 16-17 min)
 
 How parity is matched, row by row:
 - fsq: nothing to map (both are the paper's FSQ with the peer's default options); bit for bit.
@@ -397,7 +397,7 @@ def bench_sample(a, steps):
 
 
 def bench_train_tiny(a, run, root=ROOT):
-    """run: time `python train_tiny.py` in a subprocess (15-17 min); else read the report of the last run."""
+    """run: time `python train_tiny.py` in a subprocess (16-17 min); else read the report of the last run."""
     row, report = Row("train_tiny"), root / "out" / "tiny" / "report.json"
     if run:
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
@@ -409,7 +409,7 @@ def bench_train_tiny(a, run, root=ROOT):
             row.ok, row.parity = False, f"FAIL: exit status {rc}"
             return [row]
     if not report.exists():
-        row.notes.append(f"no {report.relative_to(root)}: `python tools/bench.py --only train_tiny` runs it (15-17 min)")
+        row.notes.append(f"no {report.relative_to(root)}: `python tools/bench.py --only train_tiny` runs it (16-17 min)")
         return [row]
     rep = json.loads(report.read_text())
     stages = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in rep.items() if isinstance(v, dict) and "seconds" in v)
